@@ -1,0 +1,92 @@
+"""What a rule kind is, and what its guards return.
+
+A rule kind is a module in ``guardproxy.guards`` that defines ``KIND = RuleKind(...)``;
+it is discovered at start-up (see ``guardproxy.guards.rule_kinds``), so a new kind is
+a new module and nothing else. A kind parses its own YAML keys into a frozen settings
+dataclass and builds a ``Guard`` from it. Guards run in ``Phase`` order (the order
+itself lives in ``guardproxy.flow``), then in file order within a phase.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from guardproxy.dialects.base import Dialect
+    from guardproxy.exchange import Exchange
+    from guardproxy.policy.model import Policy, Rule
+    from guardproxy.policy.reader import Reader
+    from guardproxy.response.events import ResponseStage
+    from guardproxy.response.usage import Lease
+    from guardproxy.state import State
+
+
+class Phase(IntEnum):
+    SHAPING = 10   # deny / clamp request parameters
+    QUOTA = 20     # request-rate limits
+    BUDGET = 30    # token budgets (reserve before, settle after)
+    LINKAGE = 40   # linked-account actions
+    RESPONSE = 90  # response-only rules (canaries)
+
+
+@dataclass(frozen=True, slots=True)
+class RateHeaders:
+    """One rate-limit window a guard reports; dialects render it to their headers."""
+
+    resource: str          # "requests" | "tokens" | "input-tokens" | "output-tokens"
+    limit: int
+    remaining: int
+    reset_at: float        # unix time
+
+
+@dataclass(slots=True)
+class Outcome:
+    """A guard's answer for one request."""
+
+    allowed: bool
+    rule: str
+    shadow: bool = False
+    rate: tuple[RateHeaders, ...] = ()
+    retry_after: float = 0.0
+    kind: str = "rate_limit"            # dialect-neutral error kind when denied
+    code: str = "rate_limit_exceeded"
+    message: str = ""
+    lease: Lease | None = None          # settled from the response's usage (budgets)
+    stage: ResponseStage | None = None  # sees the response itself (canaries)
+
+    @property
+    def enforced_denial(self) -> bool:
+        return not self.allowed and not self.shadow
+
+
+class Guard(Protocol):
+    rule: Rule
+
+    async def check(self, exchange: Exchange) -> Outcome | None:
+        """Decide on a request; ``None`` means the rule has nothing to say about it."""
+        ...
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What a guard may use: built once per policy in the app lifespan and passed in."""
+
+    policy: Policy
+    state: State
+    dialect: Dialect
+
+
+@dataclass(frozen=True)
+class RuleKind:
+    key: str                                   # the YAML key that selects the kind
+    phase: Phase
+    parse: Callable[[Reader], Any]             # -> frozen settings dataclass
+    build: Callable[[Rule, Runtime], Guard]
+    fields: frozenset[str] = frozenset()       # further YAML keys the kind accepts
+    uses_per: bool = True
+
+
+PerKey = Callable[["Exchange"], "str | None"]

@@ -1,0 +1,74 @@
+"""The typed policy: frozen dataclasses built once from a validated file."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from guardproxy.policy.match import Match
+
+Mode = Literal["enforce", "shadow"]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    url: str
+    dialect: str
+    headers: tuple[tuple[str, str], ...]
+    timeout: float
+    connect_timeout: float
+
+
+@dataclass(frozen=True)
+class AccountsConfig:
+    keys_file: Path | None
+    trust_header: str | None
+
+
+@dataclass(frozen=True)
+class ClientsConfig:
+    trusted_proxies: tuple[IPNetwork, ...]
+    max_body_bytes: int
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One entry of ``rules:``; ``settings`` is the rule kind's own frozen dataclass."""
+
+    name: str
+    kind: str
+    mode: Mode
+    when: Match
+    per: tuple[str, ...]
+    settings: Any
+    line: int
+    on_store_error: Literal["deny", "allow"] = "deny"
+
+    @property
+    def shadow(self) -> bool:
+        return self.mode == "shadow"
+
+
+@dataclass(frozen=True)
+class Account:
+    id: str
+    org: str
+    tier: str
+    attributes: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Policy:
+    source: Path
+    upstream: UpstreamConfig
+    state: str
+    key_prefix: str
+    accounts: AccountsConfig
+    clients: ClientsConfig
+    rules: tuple[Rule, ...]
+    admin_token: str | None = None
+    # sha256 hex of an API key -> account; loaded from accounts.keys
+    keys: dict[str, Account] = field(default_factory=dict, compare=False, hash=False)

@@ -1,0 +1,1 @@
+"""Response stages: what follows a forwarded request back to the client (usage, canaries)."""

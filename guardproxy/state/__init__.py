@@ -1,0 +1,77 @@
+"""Shared state, chosen by URI scheme as in the ``limits`` library.
+
+    memory://                      one process (the embedded default)
+    redis://host:port/db           one Redis;  rediss:// for TLS
+    redis+cluster://h1:p1,h2:p2    Redis Cluster
+    redis+sentinel://h:p/service   Redis Sentinel
+
+Quota counters live in a ``limits`` async storage; token budgets in a ``BudgetStore``
+(``state/budgets.py``) opened from the same URI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from limits.aio.storage import Storage
+from limits.errors import ConfigurationError
+from limits.storage import storage_from_string
+
+from guardproxy.state.budgets import BudgetStore, MemoryBudgetStore, RedisBudgetStore
+from guardproxy.state.redis_client import redis_from_uri
+
+SCHEMES = ("memory", "redis", "rediss", "redis+unix", "redis+cluster", "redis+sentinel")
+
+
+def scheme_of(uri: str) -> str:
+    return uri.partition("://")[0].lower()
+
+
+def validate_uri(uri: str) -> None:
+    """Raise ValueError naming the problem; used by the policy loader."""
+    if "://" not in uri:
+        raise ValueError(f"not a state URI: {uri!r} (expected e.g. memory:// or redis://host:6379)")
+    scheme = scheme_of(uri)
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown state scheme {scheme!r} (expected one of {', '.join(SCHEMES)})")
+
+
+@dataclass
+class State:
+    uri: str
+    key_prefix: str
+    limits: Storage
+    budgets: BudgetStore
+
+    @property
+    def shared(self) -> bool:
+        """Whether several processes see the same counters."""
+        return scheme_of(self.uri) != "memory"
+
+    async def aclose(self) -> None:
+        await self.budgets.aclose()
+        bridge: Any = getattr(self.limits, "bridge", None)
+        close = getattr(getattr(bridge, "storage", None), "aclose", None)
+        if close is not None:
+            await close()
+
+
+def open_state(uri: str, key_prefix: str = "guardproxy") -> State:
+    """Open the stores for a URI. Nothing connects yet: the first request does."""
+    options: dict[str, Any] = {}
+    budgets: BudgetStore = MemoryBudgetStore()
+    if scheme_of(uri) != "memory":
+        client = redis_from_uri(uri)
+        budgets = RedisBudgetStore(client, key_prefix)
+        # limits defaults to coredis; guardproxy ships redis-py only.
+        options = {"implementation": "redispy", "key_prefix": f"{key_prefix}:quota",
+                   "wrap_exceptions": True}
+        if scheme_of(uri) in ("redis", "rediss", "redis+unix"):
+            options["connection_pool"] = client.connection_pool  # one pool for both
+    try:
+        storage = storage_from_string(f"async+{uri}", **options)
+    except ConfigurationError as exc:
+        raise ValueError(f"cannot open state {uri!r}: {exc}") from exc
+    assert isinstance(storage, Storage)
+    return State(uri=uri, key_prefix=key_prefix, limits=storage, budgets=budgets)

@@ -1,0 +1,47 @@
+"""Header hygiene between client, proxy and upstream."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from guardproxy.dialects import CLIENT_CREDENTIAL_HEADERS
+
+RawHeaders = list[tuple[bytes, bytes]]
+
+# RFC 9110 §7.6.1: meaningful for one connection only, never forwarded.
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
+    b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"proxy-connection",
+})
+_CREDENTIALS = frozenset(name.encode() for name in CLIENT_CREDENTIAL_HEADERS)
+# Recomputed for the forwarded request; compression is refused upstream so that
+# response stages can read bodies (sidecar traffic is local).
+_REQUEST_DROP = HOP_BY_HOP | _CREDENTIALS | {b"host", b"content-length", b"accept-encoding"}
+_RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
+
+
+def _named_in_connection(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
+    names: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            names.update(v.strip().lower() for v in value.split(b","))
+    return names
+
+
+def request_headers(client: Iterable[tuple[bytes, bytes]],
+                    upstream: Iterable[tuple[bytes, bytes]]) -> RawHeaders:
+    """Client headers minus hop-by-hop and credentials, plus the upstream's own."""
+    client = list(client)
+    drop = _REQUEST_DROP | _named_in_connection(client)
+    configured = list(upstream)
+    replaced = {name for name, _ in configured}
+    out = [(n, v) for n, v in client if n.lower() not in drop and n.lower() not in replaced]
+    out.extend(configured)
+    out.append((b"accept-encoding", b"identity"))
+    return out
+
+
+def response_headers(upstream: Iterable[tuple[bytes, bytes]]) -> RawHeaders:
+    upstream = list(upstream)
+    drop = _RESPONSE_DROP | _named_in_connection(upstream)
+    return [(n, v) for n, v in upstream if n.lower() not in drop]
