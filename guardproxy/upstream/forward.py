@@ -89,10 +89,8 @@ class UpstreamApp:
         )
         try:
             response = await self.client.send(request, stream=True)
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeout(f"upstream did not answer in time: {exc!s}") from exc
         except httpx.HTTPError as exc:
-            raise UpstreamError(f"upstream unreachable: {exc!s}") from exc
+            raise _translate(exc, "upstream unreachable") from exc
         try:
             await send({"type": "http.response.start", "status": response.status_code,
                         "headers": response_headers(response.headers.raw)})
@@ -101,10 +99,8 @@ class UpstreamApp:
                 await send({"type": "http.response.body", "body": body})
             else:
                 await _relay(response, receive, send)
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeout(f"upstream stalled mid-response: {exc!s}") from exc
         except httpx.HTTPError as exc:
-            raise UpstreamError(f"upstream failed mid-response: {exc!s}") from exc
+            raise _translate(exc, "upstream failed mid-response") from exc
         finally:
             await response.aclose()
 
@@ -117,6 +113,19 @@ class UpstreamApp:
                 await self.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _translate(exc: httpx.HTTPError, context: str) -> UpstreamError:
+    """httpx (and, beneath it, aiohttp) errors -> the package's own tree. httpx-aiohttp
+    reports a refused connection as ConnectTimeout, so the root cause decides."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ConnectionRefusedError | ConnectionResetError):
+            return UpstreamError(f"{context}: {cause}")
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamTimeout(f"upstream did not answer in time: {exc}")
+    return UpstreamError(f"{context}: {exc}")
 
 
 def _buffered(response: httpx.Response) -> bool:
