@@ -9,6 +9,7 @@ process; Redis does it in one Lua call per operation (``lua/budget_*.lua``).
 
 from __future__ import annotations
 
+import heapq
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -75,28 +76,40 @@ def new_lease_id() -> str:
 
 
 class MemoryBudgetStore(BudgetStore):
+    """One process's budgets. Every method runs without awaiting, so each is atomic
+    on the event loop, as the Lua scripts are on Redis."""
+
     def __init__(self) -> None:
         self.windows: dict[str, list[int]] = {}              # key -> [used, reserved]
         self.expiry: dict[str, float] = {}                   # key -> when it may be dropped
+        # lease id -> (state r|x|s, tokens held, window keys, deadline)
         self.leases: dict[str, tuple[str, int, tuple[str, ...], float]] = {}
+        self.deadlines: list[tuple[float, str]] = []         # heap; stale entries skipped
         self._ops = 0
 
     def _key(self, subject: str, w: Window, index: int) -> str:
         return f"{subject}|{w.seconds}|{index}"
 
+    def _hold(self, lease_id: str, lease: tuple[str, int, tuple[str, ...], float]) -> None:
+        self.leases[lease_id] = lease
+        heapq.heappush(self.deadlines, (lease[3], lease_id))
+
     def _sweep(self, now: float) -> None:
-        for lease_id, (state, held, keys, deadline) in list(self.leases.items()):
-            if deadline > now:
+        while self.deadlines and self.deadlines[0][0] <= now:
+            deadline, lease_id = heapq.heappop(self.deadlines)
+            lease = self.leases.get(lease_id)
+            if lease is None or lease[3] != deadline:
                 continue
+            state, held, keys, _ = lease
             if state == "r":
                 for key in keys:
                     if key in self.windows:
                         self.windows[key][1] -= held
-                self.leases[lease_id] = ("x", held, keys, now + GRACE)
+                self._hold(lease_id, ("x", held, keys, now + GRACE))
             else:
                 del self.leases[lease_id]
         self._ops += 1
-        if self._ops % 1024 == 0:
+        if self._ops % 4096 == 0:
             for key in [k for k, t in self.expiry.items() if t < now]:
                 self.windows.pop(key, None)
                 self.expiry.pop(key, None)
@@ -119,7 +132,7 @@ class MemoryBudgetStore(BudgetStore):
             self.windows.setdefault(key, [0, 0])[1] += amount
             self.expiry[key] = reset + GRACE
         lease_id = new_lease_id()
-        self.leases[lease_id] = ("r", amount, tuple(keys), now + ttl)
+        self._hold(lease_id, ("r", amount, tuple(keys), now + ttl))
         return Reservation(True, amount, [r - amount for r in remaining], resets, lease_id)
 
     async def settle(self, subject: str, lease_id: str, actual: int) -> bool:
@@ -133,7 +146,7 @@ class MemoryBudgetStore(BudgetStore):
                 if state == "r":
                     window[1] -= held
                 window[0] += actual
-        self.leases[lease_id] = ("s", 0, (), time.time() + GRACE)
+        self._hold(lease_id, ("s", 0, (), time.time() + GRACE))
         return True
 
     async def usage(self, subject: str, windows: tuple[Window, ...]) -> list[WindowState]:
