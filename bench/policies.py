@@ -77,6 +77,15 @@ VARIANTS: dict[str, Variant] = {
     "guardproxy-default-redis-lifted": Variant("redis", "default", lift_quotas=True,
                                                description="default rules, quota counts "
                                                            "lifted, redis state"),
+    "guardproxy-budget": Variant("memory", "budget",
+                                 description="one token budget (never exhausted), memory"),
+    "guardproxy-budget-redis": Variant("redis", "budget",
+                                       description="one token budget (never exhausted), redis"),
+}
+
+# Single-rule variants: the cost of one rule kind on its own.
+NAMED_RULES = {
+    "budget": "rules:\n  - name: tokens\n    budget: 1000000000/day\n    per: account\n",
 }
 
 
@@ -106,6 +115,8 @@ def rules_block(variant: Variant) -> tuple[str, list[str]]:
     notes: list[str] = []
     if variant.rules == "none":
         return "rules: []", notes
+    if variant.rules in NAMED_RULES:
+        return NAMED_RULES[variant.rules], notes
     rules = default_rules()
     if rules is None:
         notes.append(f"{DEFAULT_POLICY} not found: using rules: []")

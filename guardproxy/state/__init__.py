@@ -43,6 +43,7 @@ class State:
     key_prefix: str
     limits: Storage
     budgets: BudgetStore
+    redis: Any = None       # the redis-py asyncio client, when the state is Redis
 
     @property
     def shared(self) -> bool:
@@ -61,6 +62,7 @@ def open_state(uri: str, key_prefix: str = "guardproxy") -> State:
     """Open the stores for a URI. Nothing connects yet: the first request does."""
     options: dict[str, Any] = {}
     budgets: BudgetStore = MemoryBudgetStore()
+    client = None
     if scheme_of(uri) != "memory":
         client = redis_from_uri(uri)
         budgets = RedisBudgetStore(client, key_prefix)
@@ -74,4 +76,4 @@ def open_state(uri: str, key_prefix: str = "guardproxy") -> State:
     except ConfigurationError as exc:
         raise ValueError(f"cannot open state {uri!r}: {exc}") from exc
     assert isinstance(storage, Storage)
-    return State(uri=uri, key_prefix=key_prefix, limits=storage, budgets=budgets)
+    return State(uri=uri, key_prefix=key_prefix, limits=storage, budgets=budgets, redis=client)

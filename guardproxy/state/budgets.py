@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 
 from guardproxy.errors import StoreError
 
-GRACE = 3600.0  # how long a finished lease is remembered, for idempotent late settles
+GRACE = 3600.0  # how long an expired lease is remembered, so a late settle still charges
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +82,7 @@ class MemoryBudgetStore(BudgetStore):
     def __init__(self) -> None:
         self.windows: dict[str, list[int]] = {}              # key -> [used, reserved]
         self.expiry: dict[str, float] = {}                   # key -> when it may be dropped
-        # lease id -> (state r|x|s, tokens held, window keys, deadline)
+        # lease id -> (state r|x, tokens held, window keys, deadline); deleted when settled
         self.leases: dict[str, tuple[str, int, tuple[str, ...], float]] = {}
         self.deadlines: list[tuple[float, str]] = []         # heap; stale entries skipped
         self._ops = 0
@@ -136,8 +136,8 @@ class MemoryBudgetStore(BudgetStore):
         return Reservation(True, amount, [r - amount for r in remaining], resets, lease_id)
 
     async def settle(self, subject: str, lease_id: str, actual: int) -> bool:
-        lease = self.leases.get(lease_id)
-        if lease is None or lease[0] == "s":
+        lease = self.leases.pop(lease_id, None)
+        if lease is None:
             return False
         state, held, keys, _ = lease
         for key in keys:
@@ -146,7 +146,6 @@ class MemoryBudgetStore(BudgetStore):
                 if state == "r":
                     window[1] -= held
                 window[0] += actual
-        self._hold(lease_id, ("s", 0, (), time.time() + GRACE))
         return True
 
     async def usage(self, subject: str, windows: tuple[Window, ...]) -> list[WindowState]:

@@ -1,6 +1,6 @@
 -- Reserve tokens in every window of one budget subject: all windows or none.
 -- All keys share one hash tag, so this is one atomic call on Redis Cluster too.
--- KEYS[1]    leases: hash lease id -> "state:amount:windowkey,windowkey"  (state r|x|s)
+-- KEYS[1]    leases: hash lease id -> "state:amount:windowkey,windowkey"  (state r|x)
 -- KEYS[2]    lease deadlines: zset lease id -> unix time
 -- KEYS[3..]  one hash per window with fields used, reserved
 -- ARGV[1] amount  ARGV[2] lease id  ARGV[3] now  ARGV[4] lease ttl  ARGV[5] grace

@@ -1,11 +1,11 @@
--- Settle (or release, with actual = 0) one lease, idempotently.
+-- Settle (or release, with actual = 0) one lease, idempotently: the lease record is
+-- deleted, so a second settle finds nothing and charges nothing.
 -- KEYS[1] leases hash   KEYS[2] lease deadlines zset
 -- ARGV[1] lease id   ARGV[2] actual tokens   ARGV[3] now   ARGV[4] grace
 -- Returns 1 if this call charged the lease, 0 if it was already settled or unknown.
 local rec = redis.call('HGET', KEYS[1], ARGV[1])
 if not rec then return 0 end
 local state, held, list = string.match(rec, '^(%a):(%d+):?(.*)$')
-if state == 's' then return 0 end
 local actual = tonumber(ARGV[2])
 for key in string.gmatch(list, '[^,]+') do
   if redis.call('EXISTS', key) == 1 then
@@ -14,6 +14,6 @@ for key in string.gmatch(list, '[^,]+') do
     if actual > 0 then redis.call('HINCRBY', key, 'used', actual) end
   end
 end
-redis.call('HSET', KEYS[1], ARGV[1], 's:0')
-redis.call('ZADD', KEYS[2], tonumber(ARGV[3]) + tonumber(ARGV[4]), ARGV[1])
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
 return 1
