@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -22,6 +23,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("guardproxy.usage")
 _JSON_LIMIT = 8 << 20  # larger non-streamed bodies are estimated, not parsed
+# Only events that mention usage are parsed; the text of the others is measured from
+# the raw JSON string values (escapes count as written: a slight over-estimate).
+_USAGE = b'"usage"'
+_TEXT = re.compile(rb'"(?:content|text|partial_json|thinking|delta|arguments)":"((?:[^"\\]|\\.)*)"')
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +88,10 @@ class UsageMeter:
             return data
         out = []
         for block in self.framer.feed(data):
+            if _USAGE not in block:
+                self.tally.text_bytes += sum(len(m) for m in _TEXT.findall(block))
+                out.append(block)
+                continue
             name, obj = event_json(block)
             if obj is not None and self.dialect.read_event(name, obj, self.tally) \
                     and self.hide_usage_chunk:
