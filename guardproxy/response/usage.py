@@ -26,7 +26,8 @@ _JSON_LIMIT = 8 << 20  # larger non-streamed bodies are estimated, not parsed
 # Only events that mention usage are parsed; the text of the others is measured from
 # the raw JSON string values (escapes count as written: a slight over-estimate).
 _USAGE = b'"usage"'
-_TEXT = re.compile(rb'"(?:content|text|partial_json|thinking|delta|arguments)"\s*:\s*"((?:[^"\\]|\\.)*)"')
+_TEXT = re.compile(rb'"(?:content|text|partial_json|thinking|delta|arguments)"'
+                   rb'\s*:\s*"((?:[^"\\]|\\.)*)"')
 
 
 @dataclass(frozen=True, slots=True)
