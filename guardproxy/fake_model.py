@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import random
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -31,9 +32,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+# Prose with words an output canary can mark, so the demo and tests show marks.
 _FILLER = [
-    "the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven",
-    "wise", "owls", "watch", "from", "an", "old", "oak", "tree", "near", "the", "river",
+    "the", "main", "idea", "is", "often", "simple", "and", "usually", "works", "nearly",
+    "every", "time", "while", "a", "big", "change", "can", "perhaps", "help", "quickly",
+    "toward", "the", "goal", "so", "we", "mostly", "choose", "the", "useful", "path", "and",
+    "avoid", "the", "difficult", "one",
 ]
 
 
@@ -64,8 +68,13 @@ def _words(request: Request, body: dict[str, Any]) -> tuple[list[str], bool]:
     last = _text(messages[-1].get("content")) if messages and isinstance(messages[-1], dict) \
         else _text(body.get("prompt") or body.get("input"))
     seed = ["Fake", "answer", "to:", *last.split()[:5]]
-    words = [(seed + _FILLER * (n // len(_FILLER) + 1))[i] for i in range(n)]
-    return words, not forced and n >= cap
+    # the filler is the same prose, reshuffled per prompt: varied, but deterministic
+    rng = random.Random(hashlib.sha256(last.encode()).digest())
+    filler: list[str] = []
+    while len(seed) + len(filler) < n:
+        rng.shuffle(shuffled := list(_FILLER))
+        filler += shuffled
+    return (seed + filler)[:n], not forced and n >= cap
 
 
 def _saw(request: Request, raw: bytes) -> dict[str, str]:

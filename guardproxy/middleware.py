@@ -120,7 +120,8 @@ class GuardMiddleware:
         async def send_out(message: Message) -> None:
             if message["type"] == "http.response.start":
                 progress["started"] = True
-                out = [(k, v) for k, v in message.get("headers", []) if k not in HOP_BY_HOP]
+                out = [(k, v) for k, v in message.get("headers", []) if k not in HOP_BY_HOP
+                       and not (stages and k == b"content-length")]  # stages may resize
                 for stage in stages:
                     stage.start(message["status"], out)
                 message = {**message, "headers": out + rate_headers}

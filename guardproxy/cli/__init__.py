@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import click
 
+from guardproxy.cli.canary import canary
 from guardproxy.cli.keys import keys
+from guardproxy.cli.ledger import ledger
 from guardproxy.cli.serve import check, fake_model, serve
 from guardproxy.cli.usage import usage
 
@@ -20,3 +22,5 @@ main.add_command(check)
 main.add_command(fake_model)
 main.add_command(keys)
 main.add_command(usage)
+main.add_command(canary)
+main.add_command(ledger)

@@ -1,0 +1,1 @@
+"""Output canaries: keyed marks in responses, and forensics."""

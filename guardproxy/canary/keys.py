@@ -1,0 +1,67 @@
+"""Keys and the keyed site function.
+
+Everything is derived from one master secret (the policy's ``canary.secret``). At each
+site, one HMAC of the site's left context decides, with independent bits of the digest:
+whether the site is marked at all (``rate``), whether it carries the global mark or the
+account's code, the global choice, and for account sites which bit of the account's
+32-bit tag it carries and a mask that balances the two words of the pair.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+
+TAG_BITS = 32
+ZW_ZERO, ZW_ONE = "\u200b", "\u200c"  # tripwire: zero-width space / non-joiner
+
+
+@dataclass(frozen=True, slots=True)
+class Site:
+    marked: bool
+    is_global: bool
+    global_choice: int    # member index the global key prefers
+    position: int         # which tag bit an account site carries
+    mask: int
+
+
+@dataclass(frozen=True, slots=True)
+class Tripwire:
+    present: bool
+    position: int
+    mask: int
+
+
+class CanaryKeys:
+    def __init__(self, secret: str | bytes, rate: float = 1.0) -> None:
+        master = secret.encode() if isinstance(secret, str) else secret
+        self.site_key = hmac.digest(master, b"guardproxy/canary/site", "sha256")
+        self.tag_key = hmac.digest(master, b"guardproxy/canary/tag", "sha256")
+        self.wire_key = hmac.digest(master, b"guardproxy/canary/tripwire", "sha256")
+        self.threshold = int(min(max(rate, 0.0), 1.0) * 0xFFFFFFFF)
+
+    def tag(self, account: str) -> int:
+        """The account's 32-bit code, carried bit by bit by account sites."""
+        digest = hmac.digest(self.tag_key, account.encode(), "sha256")
+        return int.from_bytes(digest[:4], "big")
+
+    def site(self, context: bytes) -> Site:
+        d = hmac.digest(self.site_key, context, "sha256")
+        return Site(
+            marked=int.from_bytes(d[0:4], "big") <= self.threshold,
+            is_global=d[4] & 1 == 0,
+            global_choice=d[5] & 1,
+            position=int.from_bytes(d[6:8], "big") % TAG_BITS,
+            mask=d[8] & 1,
+        )
+
+    def tripwire(self, context: bytes) -> Tripwire:
+        d = hmac.digest(self.wire_key, context, "sha256")
+        return Tripwire(present=d[0] < 32, position=d[1] % TAG_BITS, mask=d[2] & 1)
+
+
+def random_keys(count: int, seed: bytes = b"null") -> list[CanaryKeys]:
+    """Keys nobody used, for the empirical null distribution of a score."""
+    return [CanaryKeys(hashlib.sha256(seed + i.to_bytes(4, "big")).digest())
+            for i in range(count)]

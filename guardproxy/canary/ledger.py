@@ -1,0 +1,169 @@
+"""The output ledger: a SimHash of every marked response, with who received it.
+
+A leaked passage can then be looked up without relying on any mark: paragraphs whose
+64-bit SimHash is within a few bits of a recorded response point at the account and
+request. Stores: a bounded in-process ring (``memory://`` state), a Redis stream trimmed
+to ``max_entries`` (one XADD per response), or a JSON-lines file. Matching scans the
+ledger linearly (a popcount per entry: about a second per million entries).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import json
+import re
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from guardproxy.errors import StoreError
+
+_WORDS = re.compile(r"[a-z0-9]+")
+
+
+def simhash64(text: str) -> int:
+    words = _WORDS.findall(text.lower())
+    shingles = [" ".join(words[i:i + 3]) for i in range(max(1, len(words) - 2))] \
+        if len(words) >= 3 else words
+    weights = [0] * 64
+    for shingle in shingles:
+        h = int.from_bytes(hashlib.blake2b(shingle.encode(), digest_size=8).digest(), "big")
+        for bit in range(64):
+            weights[bit] += 1 if h >> bit & 1 else -1
+    return sum(1 << bit for bit in range(64) if weights[bit] > 0)
+
+
+def paragraphs(text: str, min_words: int = 20) -> list[str]:
+    out: list[str] = []
+    pending = ""
+    for block in re.split(r"\n\s*\n", text):
+        pending = f"{pending}\n\n{block}" if pending else block
+        if len(pending.split()) >= min_words:
+            out.append(pending.strip())
+            pending = ""
+    if pending.strip():
+        out.append(pending.strip())
+    return out
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    simhash: int
+    account: str
+    request_id: str
+    time: float
+    words: int
+
+    def to_json(self) -> str:
+        return json.dumps({"simhash": f"{self.simhash:016x}", "account": self.account,
+                           "request_id": self.request_id, "time": self.time,
+                           "words": self.words})
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> LedgerEntry:
+        d = json.loads(text)
+        return cls(int(d["simhash"], 16), d["account"], d["request_id"], float(d["time"]),
+                   int(d["words"]))
+
+
+class Ledger(ABC):
+    @abstractmethod
+    async def record(self, entry: LedgerEntry) -> None: ...
+
+    @abstractmethod
+    def entries(self) -> AsyncIterator[LedgerEntry]: ...
+
+    async def aclose(self) -> None:
+        return None
+
+
+class MemoryLedger(Ledger):
+    def __init__(self, max_entries: int) -> None:
+        self.ring: collections.deque[LedgerEntry] = collections.deque(maxlen=max_entries)
+
+    async def record(self, entry: LedgerEntry) -> None:
+        self.ring.append(entry)
+
+    async def entries(self) -> AsyncIterator[LedgerEntry]:
+        for entry in list(self.ring):
+            yield entry
+
+
+class RedisLedger(Ledger):
+    def __init__(self, client: Any, key: str, max_entries: int) -> None:
+        self.client = client
+        self.key = key
+        self.max_entries = max_entries
+
+    async def record(self, entry: LedgerEntry) -> None:
+        try:
+            await self.client.xadd(self.key, {"e": entry.to_json()}, maxlen=self.max_entries,
+                                   approximate=True)
+        except RedisError as exc:
+            raise StoreError(f"ledger store unavailable: {exc}") from exc
+
+    async def entries(self) -> AsyncIterator[LedgerEntry]:
+        start = "-"
+        while True:
+            try:
+                page = await self.client.xrange(self.key, min=start, count=1000)
+            except RedisError as exc:
+                raise StoreError(f"ledger store unavailable: {exc}") from exc
+            for _, fields in page:
+                yield LedgerEntry.from_json(fields[b"e"])
+            if len(page) < 1000:
+                return
+            start = "(" + page[-1][0].decode()
+
+
+class FileLedger(Ledger):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lock = asyncio.Lock()
+
+    def _append(self, line: str) -> None:
+        with self.path.open("a", encoding="utf-8") as out:
+            out.write(line + "\n")
+
+    async def record(self, entry: LedgerEntry) -> None:
+        async with self.lock:
+            await asyncio.to_thread(self._append, entry.to_json())
+
+    async def entries(self) -> AsyncIterator[LedgerEntry]:
+        if not self.path.exists():
+            return
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                yield LedgerEntry.from_json(line)
+
+
+def open_ledger(store: str, *, state_uri: str, key_prefix: str, redis_client: Any | None,
+                max_entries: int, path: Path | None) -> Ledger:
+    if store == "file":
+        if path is None:
+            raise ValueError("a file ledger needs a path")
+        return FileLedger(path)
+    if state_uri.startswith("memory://") or redis_client is None:
+        return MemoryLedger(max_entries)
+    return RedisLedger(redis_client, f"{key_prefix}:ledger", max_entries)
+
+
+@dataclass(frozen=True)
+class Match:
+    paragraph: int
+    distance: int
+    entry: LedgerEntry
+
+
+async def match(ledger: Ledger, text: str, max_distance: int = 6) -> list[Match]:
+    hashes = [simhash64(p) for p in paragraphs(text)]
+    found = [Match(i, (h ^ entry.simhash).bit_count(), entry)
+             async for entry in ledger.entries() for i, h in enumerate(hashes)
+             if (h ^ entry.simhash).bit_count() <= max_distance]
+    return sorted(found, key=lambda m: (m.paragraph, m.distance))

@@ -1,0 +1,64 @@
+"""``guardproxy ledger match``: which responses does a leaked text come from?"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import click
+
+from guardproxy.cli.serve import _load_or_exit
+
+
+@click.group()
+def ledger() -> None:
+    """Look leaked text up in the output ledger."""
+
+
+@ledger.command("match")
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--policy", "policy_path", type=click.Path(path_type=Path), required=True,
+              envvar="GUARDPROXY_POLICY")
+@click.option("--max-distance", default=6, show_default=True, type=click.IntRange(0, 64))
+@click.option("--json", "as_json", is_flag=True)
+def match_command(files: tuple[Path, ...], policy_path: Path, max_distance: int,
+                  as_json: bool) -> None:
+    """Paragraphs of FILE whose SimHash is within --max-distance bits of a response."""
+    from guardproxy.canary.ledger import match
+    from guardproxy.canary.settings import ledger_from_policy
+
+    policy = _load_or_exit(policy_path)
+    try:
+        store = ledger_from_policy(policy)
+    except ValueError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(1)
+    if policy.state.startswith("memory://") and "File" not in type(store).__name__:
+        click.echo(f"{policy_path}: a memory:// ledger lives inside the proxy process and is "
+                   "empty here", err=True)
+
+    async def run() -> list[dict[str, object]]:
+        rows: list[dict[str, object]] = []
+        try:
+            for path in files:
+                for m in await match(store, path.read_text(encoding="utf-8"), max_distance):
+                    rows.append({"file": str(path), "paragraph": m.paragraph + 1,
+                                 "account": m.entry.account, "request": m.entry.request_id,
+                                 "distance": m.distance, "time": m.entry.time})
+        finally:
+            await store.aclose()
+        return rows
+
+    rows = asyncio.run(run())
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        when = datetime.fromtimestamp(float(row["time"]), UTC).isoformat()  # type: ignore[arg-type]
+        click.echo(f"{row['file']}:{row['paragraph']}: account={row['account']} "
+                   f"request={row['request']} distance={row['distance']} time={when}")
+    if not rows:
+        click.echo("no match")

@@ -1,0 +1,167 @@
+"""``canary:`` — keyed, invisible-to-readers marks in responses, and an output ledger.
+
+    - name: marks
+      when: {tier: free}
+      canary:
+        secret: ${GUARDPROXY_CANARY_SECRET}   # at least 16 characters; never logged
+        marks: [lexical]                      # keyed word choice
+        tripwire: false                       # zero-width account code (verbatim copies only)
+        rate: 1.0                             # share of sites marked
+        ledger: true                          # or {store: state | file, path: F, max_entries: N}
+      mode: shadow                            # record to the ledger, change nothing
+
+Responses that must stay exact are never marked: JSON / structured output
+(``response_format``), requests for logprobs, non-text endpoints, error answers. Code,
+URLs, numbers and tool-call arguments inside marked responses are never changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from guardproxy.canary.keys import CanaryKeys
+from guardproxy.canary.ledger import Ledger, LedgerEntry, open_ledger, simhash64
+from guardproxy.canary.marker import Marker
+from guardproxy.canary.stage import CanaryStage
+from guardproxy.exchange import Exchange
+from guardproxy.guards.base import Outcome, Phase, RuleKind, Runtime
+from guardproxy.policy.model import Rule
+from guardproxy.policy.reader import Reader
+
+log = logging.getLogger("guardproxy.canary")
+_PATHS = {"openai": ("/chat/completions", "/completions"), "anthropic": ("/messages",)}
+MARKS = ("lexical",)
+
+
+@dataclass(frozen=True)
+class LedgerSettings:
+    store: str              # "state" | "file"
+    path: Path | None
+    max_entries: int
+
+
+@dataclass(frozen=True)
+class CanarySettings:
+    secret: str = ""
+    lexical: bool = True
+    tripwire: bool = False
+    rate: float = 1.0
+    ledger: LedgerSettings | None = None
+
+    def __repr__(self) -> str:  # the secret must never reach a log line
+        return (f"CanarySettings(lexical={self.lexical}, tripwire={self.tripwire}, "
+                f"rate={self.rate}, ledger={self.ledger})")
+
+
+def _ledger(reader: Reader) -> LedgerSettings | None:
+    value = reader.raw("ledger", True)
+    if value is False:
+        return None
+    if value is True:
+        return LedgerSettings("state", None, 1_000_000)
+    sub = reader.child("ledger")
+    if sub is None:
+        return None
+    sub.allow(("store", "path", "max_entries"))
+    store = sub.choice("store", ("state", "file"), "state")
+    path = sub.string("path")
+    if store == "file" and not path:
+        sub.problem("a file ledger needs 'path'")
+    base = Path(reader.file).parent
+    return LedgerSettings(store, base / path if path else None,
+                          sub.typed("max_entries", int, 1_000_000) or 1_000_000)
+
+
+def parse(rule: Reader) -> CanarySettings:
+    reader = rule.child("canary")
+    if reader is None:
+        return CanarySettings()
+    reader.allow(("secret", "marks", "tripwire", "rate", "ledger"), required=("secret",))
+    secret = reader.string("secret") or ""
+    if reader.has("secret") and len(secret) < 16:
+        reader.problem("must be at least 16 characters (use a random secret)", "secret")
+    marks = reader.string_list("marks") or MARKS
+    for mark in marks:
+        if mark not in MARKS:
+            reader.problem(f"unknown mark {mark!r} (expected one of {', '.join(MARKS)})",
+                           "marks")
+    rate = reader.typed("rate", float, 1.0)
+    if rate is None or not 0.0 < rate <= 1.0:
+        reader.problem("must be a number in (0, 1]", "rate")
+        rate = 1.0
+    return CanarySettings(secret=secret, lexical="lexical" in marks,
+                          tripwire=bool(reader.typed("tripwire", bool, False)), rate=rate,
+                          ledger=_ledger(reader))
+
+
+def markable(exchange: Exchange, dialect: str) -> bool:
+    """Only prose answers: not structured output, not logprobs, not other endpoints."""
+    body = exchange.json
+    if body is None or not exchange.path.endswith(_PATHS.get(dialect, ())):
+        return False
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
+        return False
+    return not (body.get("logprobs") or body.get("top_logprobs"))
+
+
+def stops_of(body: dict[str, Any]) -> tuple[str, ...]:
+    value = body.get("stop", body.get("stop_sequences"))
+    if isinstance(value, str):
+        return (value,)
+    return tuple(v for v in value if isinstance(v, str)) if isinstance(value, list) else ()
+
+
+def build_ledger(settings: CanarySettings, runtime: Runtime) -> Ledger | None:
+    if settings.ledger is None:
+        return None
+    state = runtime.state
+    return open_ledger(settings.ledger.store, state_uri=state.uri,
+                       key_prefix=state.key_prefix, redis_client=state.redis,
+                       max_entries=settings.ledger.max_entries, path=settings.ledger.path)
+
+
+class CanaryGuard:
+    def __init__(self, rule: Rule, runtime: Runtime) -> None:
+        self.rule = rule
+        self.settings: CanarySettings = rule.settings
+        self.keys = CanaryKeys(self.settings.secret, self.settings.rate)
+        self.dialect = runtime.dialect.name
+        self.ledger = build_ledger(self.settings, runtime)
+        self.when = None if rule.when.always else rule.when
+
+    async def check(self, exchange: Exchange) -> Outcome | None:
+        if (self.when is not None and not self.when(exchange.attrs(), exchange.headers)) \
+                or exchange.account is None or not markable(exchange, self.dialect):
+            return None
+        assert exchange.json is not None
+        account = exchange.account.id
+        tag = self.keys.tag(account)
+        stops = stops_of(exchange.json)
+        s = self.settings
+        enforce = not self.rule.shadow
+
+        def new_marker() -> Marker:
+            return Marker(self.keys, tag, lexical=s.lexical and enforce,
+                          tripwire=s.tripwire and enforce, stops=stops)
+
+        async def record(text: str) -> None:
+            if self.ledger is not None and text.strip():
+                await self.ledger.record(LedgerEntry(
+                    simhash=simhash64(text), account=account,
+                    request_id=exchange.request_id, time=time.time(),
+                    words=len(text.split())))
+
+        stage = CanaryStage(self.dialect, new_marker, record)
+        return Outcome(allowed=True, rule=self.rule.name, shadow=self.rule.shadow, stage=stage)
+
+
+def build(rule: Rule, runtime: Runtime) -> CanaryGuard:
+    return CanaryGuard(rule, runtime)
+
+
+KIND = RuleKind(key="canary", phase=Phase.RESPONSE, parse=parse, build=build, uses_per=False)

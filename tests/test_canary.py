@@ -1,0 +1,117 @@
+"""Output canaries: marks never touch what must stay exact, streams and whole texts
+agree, and detection names the account with an honest p-value."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from guardproxy.canary.detect import detect
+from guardproxy.canary.keys import CanaryKeys
+from guardproxy.canary.lexicon import INDEX, PAIRS
+from guardproxy.canary.marker import Marker
+from tests.textgen import prose
+
+PROSE = (Path(__file__).parent / "data" / "prose.txt").read_text()
+KEYS = CanaryKeys("test-secret-0123456789")
+WORDS = [w for pair in PAIRS for w in pair]
+
+
+def canonical(text: str) -> str:
+    """Every lexicon word replaced by its pair: equal iff only lexical choices differ."""
+    def sub(m: re.Match[str]) -> str:
+        entry = INDEX.get(m.group().lower())
+        return f"<{entry[0]}>" if entry else m.group()
+    return re.sub(r"[A-Za-z]+", sub, text)
+
+
+def mark(text: str, account: str = "alice", **kw: object) -> str:
+    return Marker(KEYS, KEYS.tag(account), **kw).mark(text)  # type: ignore[arg-type]
+
+
+def test_marks_change_only_lexical_choices_and_few_words() -> None:
+    marker = Marker(KEYS, KEYS.tag("alice"))
+    out = marker.mark(PROSE)
+    assert out != PROSE
+    assert canonical(out) == canonical(PROSE)
+    assert marker.stats.sites >= 10
+    assert marker.stats.changed_share <= 0.05, marker.stats
+
+
+def test_deterministic_per_key_and_account() -> None:
+    assert mark(PROSE) == mark(PROSE)
+    assert mark(PROSE, "bob") != mark(PROSE)
+    assert Marker(CanaryKeys("another-secret-abcdef"), 1).mark(PROSE) != mark(PROSE)
+
+
+protected = st.sampled_from([
+    "\n```python\nx = 'big large often frequently'\n```\n",
+    "`often quickly` ", "https://example.com/often/quickly?x=large ", "3.14 ", "v2often ",
+    "\n    indented often quickly code\n", "user@often.example ",
+])
+prose_word = st.sampled_from([*WORDS, "the", "and", "of", "a", "to", "Often", "QUICKLY"])
+fragment = st.one_of(protected, prose_word.map(lambda w: w + " "),
+                     st.sampled_from(["\n", ". ", ", ", "\n\n"]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(fragment, min_size=1, max_size=60))
+def test_protected_spans_come_out_byte_identical(parts: list[str]) -> None:
+    text = "".join(parts)
+    out = mark(text)
+    assert canonical(out) == canonical(text)
+    for part in parts:
+        if part.strip() and part not in ("\n", ". ", ", ") and part.strip() not in WORDS \
+                and part.strip().lower() not in WORDS:
+            assert part.strip() in out, part
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=len(PROSE)), max_size=30))
+def test_stream_and_whole_text_get_the_same_marks(cuts: list[int]) -> None:
+    marker = Marker(KEYS, KEYS.tag("alice"))
+    points = sorted({0, len(PROSE), *cuts})
+    streamed = "".join(marker.feed(PROSE[a:b]) for a, b in itertools.pairwise(points))
+    assert streamed + marker.flush() == mark(PROSE)
+
+
+def test_no_new_stop_sequence_match() -> None:
+    words = [w for w in WORDS if w in PROSE.lower().split()]
+    pair = PAIRS[INDEX[words[0]][0]]
+    stop = f" {pair[1 - INDEX[words[0]][1]]}"
+    out = Marker(KEYS, KEYS.tag("alice"), stops=[stop]).mark(PROSE)
+    assert (stop in out) == (stop in PROSE)
+
+
+def test_tripwire_is_invisible_and_attributes_verbatim_copies() -> None:
+    out = mark(PROSE, tripwire=True)
+    assert "\u200b" in out or "\u200c" in out
+    assert out.replace("\u200b", "").replace("\u200c", "") == mark(PROSE)
+
+
+def test_detect_names_the_account_and_not_unmarked_text() -> None:
+    accounts = [f"acct-{i}" for i in range(1000)] + ["alice", "bob"]
+    text = prose(3000, seed=1)
+    verdict = detect(KEYS, [mark(text)], accounts, null_keys=200)
+    assert verdict.global_score.log10_p < -6
+    assert verdict.accounts[0].account == "alice"
+    assert verdict.accounts[0].log10_p_bonferroni < -6
+    assert verdict.null_exceed == 0.0
+    assert not verdict.mixed
+    clean = detect(KEYS, [text], accounts, null_keys=200)
+    assert clean.global_score.log10_p > -3
+    assert all(a.log10_p_bonferroni > -3 for a in clean.accounts)
+    # the empirical null agrees with the exact test: random keys rarely look marked
+    assert clean.null_exceed > 0.001
+
+
+def test_detect_reports_mixed_sources() -> None:
+    docs = [mark(prose(1500, seed=i), "alice" if i % 2 else "bob") for i in range(4)]
+    verdict = detect(KEYS, docs, ["alice", "bob", "carol"], null_keys=0)
+    named = {a.account for a in verdict.accounts if a.log10_p_bonferroni < -6}
+    assert named == {"alice", "bob"}
+    assert verdict.mixed

@@ -1,0 +1,138 @@
+"""Canaries through the real proxy (uvicorn), with the official SDKs parsing the result."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import anthropic
+import httpx
+import openai
+import pytest
+from click.testing import CliRunner
+
+from guardproxy.app import ProxyApp, create_app
+from guardproxy.canary.lexicon import INDEX
+from guardproxy.cli import main
+from guardproxy.fake_model import create_fake_app
+from tests.conftest import write_policy
+from tests.servers import running_server
+
+SECRET = "canary-secret-for-tests-0123456789"
+RULES = f"""
+rules:
+  - name: marks
+    canary:
+      secret: {SECRET}
+      ledger: {{store: file, path: ledger.jsonl}}
+"""
+PROMPT = [{"role": "user", "content": "tell me often and usually what works"}]
+
+
+def canonical(text: str) -> str:
+    return re.sub(r"[A-Za-z]+", lambda m: f"<{INDEX[m.group().lower()][0]}>"
+                  if m.group().lower() in INDEX else m.group(), text)
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[str]:
+    with running_server(create_fake_app()) as url:
+        yield url
+
+
+def proxy_app(tmp: Path, upstream: str, dialect: str = "openai") -> ProxyApp:
+    return create_app(write_policy(tmp, RULES, upstream=upstream, dialect=dialect))
+
+
+def test_openai_stream_and_json_carry_the_same_marks(tmp_path: Path, fake: str) -> None:
+    direct = openai.OpenAI(base_url=fake + "/v1", api_key="x", max_retries=0)
+    original = direct.chat.completions.create(model="m", max_tokens=120, messages=PROMPT)
+    with running_server(proxy_app(tmp_path, fake)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="key-alice", max_retries=0)
+        whole = client.chat.completions.create(model="m", max_tokens=120, messages=PROMPT)
+        chunks = list(client.chat.completions.create(
+            model="m", max_tokens=120, messages=PROMPT, stream=True,
+            stream_options={"include_usage": True}))
+        other = client.chat.completions.create(model="m", max_tokens=120, messages=PROMPT,
+                                               extra_headers={"authorization": "Bearer key-bob"})
+    text = whole.choices[0].message.content or ""
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    upstream_text = original.choices[0].message.content or ""
+    assert streamed == text, "a stream and the same response unstreamed get the same marks"
+    assert text != upstream_text and canonical(text) == canonical(upstream_text)
+    assert (other.choices[0].message.content or "") != text, "marks carry the account"
+    assert whole.usage == original.usage, "usage stays as upstream reported"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 120
+
+
+def test_anthropic_stream_and_json_carry_the_same_marks(tmp_path: Path, fake: str) -> None:
+    with running_server(proxy_app(tmp_path, fake, "anthropic")) as url:
+        client = anthropic.Anthropic(base_url=url, api_key="key-alice", max_retries=0)
+        whole = client.messages.create(model="c", max_tokens=90, messages=PROMPT)
+        with client.messages.stream(model="c", max_tokens=90, messages=PROMPT) as stream:
+            streamed = "".join(stream.text_stream)
+            final = stream.get_final_message()
+    direct = httpx.post(fake + "/v1/messages", timeout=10,
+                        json={"model": "c", "max_tokens": 90, "messages": PROMPT}).json()
+    text = whole.content[0].text  # type: ignore[union-attr]
+    assert streamed == text == final.content[0].text  # type: ignore[union-attr]
+    assert text != direct["content"][0]["text"]
+    assert canonical(text) == canonical(direct["content"][0]["text"])
+
+
+@pytest.mark.parametrize("extra", [
+    {"response_format": {"type": "json_object"}},
+    {"logprobs": True, "top_logprobs": 2},
+])
+def test_structured_output_and_logprobs_are_never_marked(tmp_path: Path, fake: str,
+                                                         extra: dict[str, object]) -> None:
+    body = {"model": "m", "max_tokens": 60, "messages": PROMPT, **extra}
+    direct = httpx.post(fake + "/v1/chat/completions", json=body, timeout=10).json()
+    with running_server(proxy_app(tmp_path, fake)) as url:
+        via = httpx.post(url + "/v1/chat/completions", json=body, timeout=10,
+                         headers={"authorization": "Bearer key-alice"}).json()
+    assert via["choices"] == direct["choices"]
+
+
+def test_ledger_and_detect_attribute_leaked_outputs(tmp_path: Path, fake: str) -> None:
+    app = proxy_app(tmp_path, fake)
+    leaked = []
+    with running_server(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="key-bob", max_retries=0)
+        for i in range(40):
+            prompt = [{"role": "user", "content": f"question {i} often usually perhaps {i * 7}"}]
+            r = client.chat.completions.create(model="m", max_tokens=300, messages=prompt)
+            leaked.append(r.choices[0].message.content or "")
+    ledger = tmp_path / "ledger.jsonl"
+    assert len(ledger.read_text().splitlines()) == 40
+    leak = tmp_path / "leak.txt"
+    leak.write_text(leaked[3])
+    policy = str(tmp_path / "policy.yaml")
+    found = CliRunner().invoke(main, ["ledger", "match", str(leak), "--policy", policy])
+    assert found.exit_code == 0, found.output
+    assert "account=bob" in found.output
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(leaked))
+    verdict = CliRunner().invoke(main, ["canary", "detect", str(corpus), "--policy", policy,
+                                        "--null-keys", "100", "--json"])
+    assert verdict.exit_code == 0, verdict.output
+    report = json.loads(verdict.stdout)
+    assert report["marked"] and report["accounts"][0]["account"] == "bob"
+
+
+def test_canary_secret_is_required_and_never_printed(tmp_path: Path) -> None:
+    bad = write_policy(tmp_path, "rules:\n  - name: m\n    canary: {secret: short}\n")
+    result = CliRunner().invoke(main, ["check", str(bad)])
+    assert result.exit_code == 1 and "canary.secret: must be at least 16" in result.output
+    assert "short" not in result.output.replace("at least", "")
+    policy = write_policy(tmp_path, RULES)
+    assert SECRET not in repr(asyncio.run(_rules(policy)))
+
+
+async def _rules(policy: Path) -> object:
+    from guardproxy.policy.load import load_policy
+
+    return load_policy(policy, {}).rules
