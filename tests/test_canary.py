@@ -10,11 +10,11 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bench.corpus import prose
 from guardproxy.canary.detect import detect
 from guardproxy.canary.keys import CanaryKeys
 from guardproxy.canary.lexicon import INDEX, PAIRS
 from guardproxy.canary.marker import Marker
-from tests.textgen import prose
 
 PROSE = (Path(__file__).parent / "data" / "prose.txt").read_text()
 KEYS = CanaryKeys("test-secret-0123456789")

@@ -26,6 +26,18 @@ def _encode(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
+def _swap(block: bytes, key: str, old: str, new: str) -> bytes | None:
+    """Replace one JSON string value in the raw event, leaving every other byte as the
+    upstream wrote it; None when the value is not found exactly once."""
+    for ascii_only in (False, True):
+        for sep in (":", ": "):
+            needle = f'"{key}"{sep}{json.dumps(old, ensure_ascii=ascii_only)}'.encode()
+            if block.count(needle) == 1:
+                value = json.dumps(new, ensure_ascii=ascii_only)
+                return block.replace(needle, f'"{key}"{sep}{value}'.encode())
+    return None
+
+
 def _block(name: str, obj: Any) -> bytes:
     head = f"event: {name}\n" if name else ""
     return f"{head}data: {_encode(obj)}\n\n".encode()
@@ -140,6 +152,9 @@ class CanaryStage:
                 new = self._emit(index, self._marker(index).feed(delta["text"]))
                 if new == delta["text"]:
                     return block
+                swapped = _swap(block, "text", delta["text"], new)
+                if swapped is not None:
+                    return swapped
                 delta["text"] = new
                 return _block(name, obj)
         elif kind == "content_block_stop" and index in self.markers:
@@ -168,6 +183,10 @@ class CanaryStage:
                 if new != text:
                     holder[key] = new
                     changed = True
+                    if len(choices) == 1:
+                        swapped = _swap(block, key, text, new)
+                        if swapped is not None:
+                            block, changed = swapped, False
             if choice.get("finish_reason") is not None and index in self.markers:
                 rest = self._emit(index, self.markers.pop(index).flush())
                 if rest:

@@ -39,14 +39,15 @@ def prose(words: int, seed: int = 0, site_rate: float = 0.1) -> str:
     rng = random.Random(seed)
     out: list[str] = []
     sentence: list[str] = []
-    while len(out) + len(sentence) < words:
+    for _ in range(words):
         word = rng.choice(LEXICON) if rng.random() < site_rate else rng.choice(COMMON)
         sentence.append(word)
         if len(sentence) >= rng.randint(8, 20):
             sentence[0] = sentence[0].capitalize()
             out.append(" ".join(sentence) + rng.choice([".", ".", ".", "?", "!"]))
             sentence = []
-    out.append(" ".join(sentence) + ".")
+    if sentence:
+        out.append(" ".join(sentence) + ".")
     paragraphs, current = [], []
     for s in out:
         current.append(s)
