@@ -81,11 +81,14 @@ VARIANTS: dict[str, Variant] = {
                                  description="one token budget (never exhausted), memory"),
     "guardproxy-budget-redis": Variant("redis", "budget",
                                        description="one token budget (never exhausted), redis"),
+    "guardproxy-canary": Variant("memory", "canary",
+                                 description="output canary with ledger, memory"),
 }
 
 # Single-rule variants: the cost of one rule kind on its own.
 NAMED_RULES = {
     "budget": "rules:\n  - name: tokens\n    budget: 1000000000/day\n    per: account\n",
+    "canary": "rules:\n  - name: marks\n    canary: {secret: bench-canary-secret-0123456789}\n",
 }
 
 
