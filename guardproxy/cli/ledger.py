@@ -27,7 +27,7 @@ def ledger() -> None:
 def match_command(files: tuple[Path, ...], policy_path: Path, max_distance: int,
                   as_json: bool) -> None:
     """Paragraphs of FILE whose SimHash is within --max-distance bits of a response."""
-    from guardproxy.canary.ledger import match
+    from guardproxy.canary.ledger import MemoryLedger, match
     from guardproxy.canary.settings import ledger_from_policy
 
     policy = _load_or_exit(policy_path)
@@ -36,7 +36,7 @@ def match_command(files: tuple[Path, ...], policy_path: Path, max_distance: int,
     except ValueError as exc:
         click.echo(str(exc), err=True)
         sys.exit(1)
-    if policy.state.startswith("memory://") and "File" not in type(store).__name__:
+    if isinstance(store, MemoryLedger):
         click.echo(f"{policy_path}: a memory:// ledger lives inside the proxy process and is "
                    "empty here", err=True)
 
