@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from bench.corpus import prose
 from guardproxy.canary.detect import detect
 from guardproxy.canary.keys import CanaryKeys
-from guardproxy.canary.lexicon import INDEX, PAIRS
+from guardproxy.canary.lexicon import ARTICLE_SENSITIVE, INDEX, PAIRS, takes_an
 from guardproxy.canary.marker import Marker
 
 PROSE = (Path(__file__).parent / "data" / "prose.txt").read_text()
@@ -46,6 +46,23 @@ def test_deterministic_per_key_and_account() -> None:
     assert mark(PROSE) == mark(PROSE)
     assert mark(PROSE, "bob") != mark(PROSE)
     assert Marker(CanaryKeys("another-secret-abcdef"), 1).mark(PROSE) != mark(PROSE)
+
+
+def test_lexicon_words_are_plain_and_each_in_one_pair() -> None:
+    assert len(WORDS) == len(set(WORDS)) == len(INDEX)
+    assert all(re.fullmatch(r"[a-z]+", w) for w in WORDS)
+    assert all(a != b for a, b in PAIRS)
+
+
+def test_no_article_mismatch_after_a_or_an() -> None:
+    for index in ARTICLE_SENSITIVE:
+        for word in PAIRS[index]:
+            article = "an" if takes_an(word) else "a"
+            for account in ("alice", "bob", "carol", "dave"):
+                sentence = f"It was {article} {word} result, and {article.upper()} {word} one."
+                out = mark(sentence, account)
+                assert out == sentence, (word, out)
+    assert not takes_an("useful") and takes_an("enormous") and not takes_an("usually")
 
 
 protected = st.sampled_from([

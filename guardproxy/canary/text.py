@@ -8,7 +8,8 @@ with digits or inner punctuation are never touched.
 
 A site's *context* is the two previous words in canonical form, where each word of the
 lexicon stands for its pair: choosing either word of a pair (ours or an attacker's)
-never changes the context of any other site.
+never changes the context of any other site. A pair whose words take different
+articles is no site right after *a* or *an*.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ import re
 from dataclasses import dataclass
 
 from guardproxy.canary.keys import ZW_ONE, ZW_ZERO
-from guardproxy.canary.lexicon import INDEX
+from guardproxy.canary.lexicon import ARTICLE_SENSITIVE, INDEX
 
 _PIECES = re.compile(r"\s+|\S+")
 _WORD = re.compile(r"([^A-Za-z0-9]*?)([A-Za-z]+)([^A-Za-z0-9]*)")
 _ZW = (ZW_ZERO, ZW_ONE)
+_ARTICLES = frozenset({"a", "an"})
 LOWER, TITLE, UPPER = 0, 1, 2
 
 
@@ -121,7 +123,10 @@ class Scanner:
         unit = Unit(chunk, word_start=len(match.group(1)), core=core, zw=zw,
                     context=f"{h0}\x1f{h1}\x1f{canon}".encode())
         case = _case(core)
-        if entry is not None and case is not None:
+        # "a huge" must not become "a enormous": the article is left context, so this
+        # is decided the same way when marking a stream and when detecting
+        if entry is not None and case is not None and not (
+                entry[0] in ARTICLE_SENSITIVE and h1 in _ARTICLES):
             unit.pair, unit.member, unit.case = entry[0], entry[1], case
         return unit
 
