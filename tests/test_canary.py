@@ -132,3 +132,19 @@ def test_detect_reports_mixed_sources() -> None:
     named = {a.account for a in verdict.accounts if a.log10_p_bonferroni < -6}
     assert named == {"alice", "bob"}
     assert verdict.mixed
+
+
+def test_accounts_sharing_a_tag_are_named_together() -> None:
+    seen: dict[int, str] = {}
+    for i in itertools.count():
+        account = f"c-{i}"
+        if (tag := KEYS.tag(account)) in seen:
+            twin = seen[tag]
+            break
+        seen[tag] = account
+    verdict = detect(KEYS, [mark(prose(3000, seed=2), account)],
+                     [twin, account, "alice"], null_keys=0)
+    top = verdict.accounts[0]
+    assert top.account == " = ".join(sorted([twin, account]))
+    assert top.known_accounts == 3
+    assert not verdict.mixed

@@ -6,14 +6,15 @@ keyed choice with probability 1/2 whatever the writer's own word preferences). T
 account is decoded in one pass: every account site votes for one bit of the 32-bit
 account tag; the least certain bits are enumerated, candidate tags are looked up among
 known accounts, and each candidate is tested exactly, with a Bonferroni correction for
-the number of known accounts. Documents are also decoded one by one, so that a corpus
-mixing several accounts' outputs names each contributor instead of one wrong account.
+the number of known accounts; accounts whose tags collide are named together. Documents
+are also decoded one by one, so that a corpus mixing several accounts' outputs names
+each contributor instead of one wrong account.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 
 from guardproxy.canary.keys import TAG_BITS, ZW_ONE, CanaryKeys, random_keys
@@ -106,7 +107,7 @@ def account_bits(keys: CanaryKeys, obs: Observed,
     return bits
 
 
-def candidate_tags(bits: list[tuple[int, int]], known: Mapping[int, str]) -> list[int]:
+def candidate_tags(bits: list[tuple[int, int]], known: Container[int]) -> list[int]:
     votes = [0] * TAG_BITS
     for position, bit in bits:
         votes[position] += 1 if bit else -1
@@ -143,7 +144,13 @@ class Verdict:
 
 def detect(keys: CanaryKeys, texts: list[str], accounts: Iterable[str],
            null_keys: int = 1000) -> Verdict:
-    known = {keys.tag(a): a for a in accounts}
+    # 32-bit tags collide (about 116 pairs among 10^6 accounts): such accounts are
+    # indistinguishable by marks and named together, "a = b"; the ledger tells them apart
+    known: dict[int, list[str]] = {}
+    count = 0
+    for account in accounts:
+        known.setdefault(keys.tag(account), []).append(account)
+        count += 1
     docs = observe(texts)
     whole = Observed(words=sum(d.words for d in docs),
                      sites=[s for d in docs for s in d.sites],
@@ -155,7 +162,8 @@ def detect(keys: CanaryKeys, texts: list[str], accounts: Iterable[str],
         doc_bits = account_bits(keys, doc)
         if len(doc_bits) >= MIN_DOC_SITES:
             tags.update(candidate_tags(doc_bits, known))
-    scores = sorted((AccountScore(known[t], t, len(bits), score_tag(bits, t), len(known))
+    scores = sorted((AccountScore(" = ".join(sorted(known[t])), t, len(bits),
+                                  score_tag(bits, t), count)
                      for t in tags), key=lambda a: a.log10_p)
     z = g.z
     null = [global_score(k, whole.sites).z for k in random_keys(null_keys)] if null_keys else []
