@@ -46,8 +46,8 @@ def accounts(n: int) -> list[str]:
     return sorted({f"acct-{i}" for i in range(n - 1)} | {TARGET})
 
 
-def mark(text: str, account: str = TARGET) -> str:
-    return Marker(KEYS, KEYS.tag(account)).mark(text)
+def mark(text: str, account: str = TARGET, tripwire: bool = False) -> str:
+    return Marker(KEYS, KEYS.tag(account), tripwire=tripwire).mark(text)
 
 
 def rerandomise(text: str, share: float, rng: random.Random) -> str:
@@ -61,13 +61,13 @@ def rerandomise(text: str, share: float, rng: random.Random) -> str:
 
 
 def words_needed(known: list[str], density: float, attack: float, trials: int,
-                 sizes: list[int]) -> dict[str, object]:
+                 sizes: list[int], tripwire: bool = False) -> dict[str, object]:
     rng = random.Random(7)
     rows = []
     for n in sizes:
         ok = 0
         for t in range(trials):
-            text = mark(prose(n, seed=1000 * n + t, site_rate=density))
+            text = mark(prose(n, seed=1000 * n + t, site_rate=density), tripwire=tripwire)
             if attack:
                 text = rerandomise(text, attack, rng)
             v = detect(KEYS, [text], known, null_keys=0)
@@ -170,7 +170,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller runs (minutes -> s)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--parts", default="a,t,b,c,d,e,f",
+                        help="which parts to run (t: verbatim with the tripwire on)")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     quick = args.quick
     known = accounts(10_000 if quick else 1_000_000)
     density = site_density()
@@ -178,22 +181,32 @@ def main() -> None:
           f"known accounts {len(known):,}")
     results: dict[str, object] = {"pairs": len(PAIRS), "site_density": density,
                                   "known_accounts": len(known)}
-    sizes = [250, 500, 750, 1000, 1500, 2000, 3000, 5000, 7500, 10000, 15000, 20000]
+    sizes = [250, 500, 750, 1000, 1500, 2000, 2500, 3000, 5000, 7500, 10000, 15000, 20000]
     trials = 3 if quick else 5
-    results["a_verbatim"] = words_needed(known, density, 0.0, trials, sizes)
-    print("(a) verbatim:", results["a_verbatim"])
-    results["b_rerandomised_30"] = words_needed(known, density, 0.3, trials, sizes)
-    print("(b) 30% re-randomised:", results["b_rerandomised_30"])
-    results["c_distillation"] = distillation(density, 200_000 if quick else 1_000_000,
-                                             [1000, 2000, 5000, 10000], known)
-    print("(c) distilled student:", results["c_distillation"])
-    results["d_false_positives"] = false_positives(density, 200 if quick else 1000,
-                                                   200 if quick else 1000)
-    print("(d) false positives:", results["d_false_positives"])
-    results["e_decode"] = decode_time(known, density)
-    print("(e) decode 10,000 words:", results["e_decode"])
-    results["f_stream"] = stream_cost(density, 5000)
-    print("(f) streaming:", results["f_stream"])
+    if "a" in parts:
+        results["a_verbatim"] = words_needed(known, density, 0.0, trials, sizes)
+        print("(a) verbatim:", results["a_verbatim"])
+    if "t" in parts:
+        results["a_verbatim_tripwire"] = words_needed(known, density, 0.0, trials, sizes,
+                                                      tripwire=True)
+        print("(a) verbatim, tripwire on:", results["a_verbatim_tripwire"])
+    if "b" in parts:
+        results["b_rerandomised_30"] = words_needed(known, density, 0.3, trials, sizes)
+        print("(b) 30% re-randomised:", results["b_rerandomised_30"])
+    if "c" in parts:
+        results["c_distillation"] = distillation(density, 200_000 if quick else 1_000_000,
+                                                 [1000, 2000, 5000, 10000], known)
+        print("(c) distilled student:", results["c_distillation"])
+    if "d" in parts:
+        results["d_false_positives"] = false_positives(density, 200 if quick else 1000,
+                                                       200 if quick else 1000)
+        print("(d) false positives:", results["d_false_positives"])
+    if "e" in parts:
+        results["e_decode"] = decode_time(known, density)
+        print("(e) decode 10,000 words:", results["e_decode"])
+    if "f" in parts:
+        results["f_stream"] = stream_cost(density, 5000)
+        print("(f) streaming:", results["f_stream"])
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
