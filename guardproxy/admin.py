@@ -1,20 +1,33 @@
-"""Read-only operator views: budget usage per account (``GET /admin/usage/{account}``).
+"""Operator endpoints, read-only:
 
-Admin endpoints exist only when ``admin.token`` is set in the policy, and every call
-must carry it as ``Authorization: Bearer <token>``.
+    GET  /admin/usage/{account}                 each budget's used / reserved / remaining
+    POST /admin/canary/detect?null_keys=200     body: leaked text -> canary verdict
+    POST /admin/ledger/match?max_distance=6     body: leaked text -> ledger matches
+
+The last two are what ``guardproxy canary detect`` and ``guardproxy ledger match`` do,
+here because a ``memory://`` ledger lives only inside the proxy process. Admin endpoints
+exist only when ``admin.token`` is set in the policy, and every call must carry it as
+``Authorization: Bearer <token>``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from typing import Any
+from urllib.parse import parse_qs
 
 from starlette.types import Receive, Scope, Send
 
+from guardproxy.canary.detect import detect
+from guardproxy.canary.ledger import match
 from guardproxy.exchange import Exchange
 from guardproxy.flow import Pipeline
 from guardproxy.guards.budget import BudgetGuard
+from guardproxy.guards.canary import CanaryGuard
+
+MAX_TEXT_BYTES = 4 << 20
 
 
 async def usage_report(pipeline: Pipeline, account_id: str) -> dict[str, Any] | None:
@@ -59,14 +72,85 @@ class AdminApp:
             await _json(send, 401, {"error": "admin token required"})
             return
         parts = scope["path"].strip("/").split("/")
-        if scope["method"] == "GET" and len(parts) == 3 and parts[1] == "usage":
+        method = scope["method"]
+        if method == "GET" and len(parts) == 3 and parts[1] == "usage":
             report = await usage_report(self.pipeline, parts[2])
             if report is None:
                 await _json(send, 404, {"error": f"unknown account {parts[2]!r}"})
             else:
                 await _json(send, 200, report)
             return
-        await _json(send, 404, {"error": "not found"})
+        route = {("canary", "detect"): self.canary_detect,
+                 ("ledger", "match"): self.ledger_match}.get(tuple(parts[1:]))
+        if route is None:
+            await _json(send, 404, {"error": "not found"})
+            return
+        if method != "POST":
+            await _json(send, 405, {"error": "use POST with the text as the body"})
+            return
+        text = await _read_text(receive)
+        if text is None:
+            await _json(send, 413, {"error": f"text larger than {MAX_TEXT_BYTES} bytes"})
+            return
+        query = parse_qs(scope.get("query_string", b"").decode())
+        try:
+            status, body = await route(text, query)
+        except ValueError as exc:
+            status, body = 400, {"error": str(exc)}
+        await _json(send, status, body)
+
+    def _canaries(self) -> list[CanaryGuard]:
+        return [g for g in self.pipeline.guards if isinstance(g, CanaryGuard)]
+
+    async def canary_detect(self, text: str,
+                            query: dict[str, list[str]]) -> tuple[int, dict[str, Any]]:
+        guards = self._canaries()
+        if not guards:
+            return 404, {"error": "the policy has no canary rule"}
+        null_keys = _int_param(query, "null_keys", 200, 0, 1000)
+        accounts = sorted(self.pipeline.identifier.by_id)
+        # scoring is CPU work: keep it off the event loop that is proxying requests
+        verdict = await asyncio.to_thread(detect, guards[0].keys, [text], accounts, null_keys)
+        return 200, verdict.as_dict()
+
+    async def ledger_match(self, text: str,
+                           query: dict[str, list[str]]) -> tuple[int, dict[str, Any]]:
+        ledgers = {id(g.ledger): g.ledger for g in self._canaries() if g.ledger is not None}
+        if not ledgers:
+            return 404, {"error": "no canary rule keeps a ledger"}
+        max_distance = _int_param(query, "max_distance", 6, 0, 64)
+        found = [m for ledger in ledgers.values()
+                 for m in await match(ledger, text, max_distance)]
+        found.sort(key=lambda m: (m.paragraph, m.distance))
+        return 200, {"matches": [m.as_dict() for m in found]}
+
+
+def _int_param(query: dict[str, list[str]], name: str, default: int, low: int,
+               high: int) -> int:
+    raw = query.get(name, [str(default)])[-1]
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a whole number, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+async def _read_text(receive: Receive) -> str | None:
+    """The request body as text, or None when it is larger than MAX_TEXT_BYTES."""
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_TEXT_BYTES:
+            return None
+        chunks.append(chunk)
+        more = message.get("more_body", False)
+    return b"".join(chunks).decode("utf-8", errors="replace")
 
 
 async def _json(send: Send, status: int, body: dict[str, Any]) -> None:

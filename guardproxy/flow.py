@@ -38,6 +38,9 @@ class Admission:
 
     def add_rates(self, outcome: Outcome) -> None:
         # Report the tightest window per resource, as the SDKs expect one value each.
+        # A shadow rule enforces nothing, so it must not show in the headers either.
+        if outcome.shadow:
+            return
         for rate in outcome.rate:
             held = self.rates.get(rate.resource)
             if held is None or rate.remaining < held.remaining:

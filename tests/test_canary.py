@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from bench.corpus import prose
 from guardproxy.canary.detect import detect
 from guardproxy.canary.keys import CanaryKeys
+from guardproxy.canary.ledger import simhash64
 from guardproxy.canary.lexicon import ARTICLE_SENSITIVE, INDEX, PAIRS, takes_an
 from guardproxy.canary.marker import Marker
 
@@ -148,3 +149,32 @@ def test_accounts_sharing_a_tag_are_named_together() -> None:
     assert top.account == " = ".join(sorted([twin, account]))
     assert top.known_accounts == 3
     assert not verdict.mixed
+
+
+def simhash_reference(text: str) -> int:
+    """The textbook SimHash, bit by bit: what the fast one must equal."""
+    import hashlib
+
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    shingles = [" ".join(words[i:i + 3]) for i in range(len(words) - 2)] \
+        if len(words) >= 3 else words
+    weights = [0] * 64
+    for shingle in shingles:
+        h = int.from_bytes(hashlib.blake2b(shingle.encode(), digest_size=8).digest(), "big")
+        for bit in range(64):
+            weights[bit] += 1 if h >> bit & 1 else -1
+    return sum(1 << bit for bit in range(64) if weights[bit] > 0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from([*WORDS[:40], "the", "code", "42", "a"]), max_size=300))
+def test_simhash_equals_the_reference(words: list[str]) -> None:
+    text = " ".join(words)
+    assert simhash64(text) == simhash_reference(text)
+
+
+def test_simhash_is_close_for_near_copies_and_far_otherwise() -> None:
+    a, b = prose(300, seed=3), prose(300, seed=4)
+    edited = a.replace(" the ", " a ", 3)
+    assert (simhash64(a) ^ simhash64(edited)).bit_count() <= 6
+    assert (simhash64(a) ^ simhash64(b)).bit_count() > 16

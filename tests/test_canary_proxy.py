@@ -136,3 +136,36 @@ async def _rules(policy: Path) -> object:
     from guardproxy.policy.load import load_policy
 
     return load_policy(policy, {}).rules
+
+
+def test_admin_detect_and_match_read_the_in_process_memory_ledger(tmp_path: Path,
+                                                                   fake: str) -> None:
+    rules = f"admin: {{token: adm1n}}\nrules:\n  - name: marks\n    canary: {{secret: {SECRET}}}\n"
+    app = create_app(write_policy(tmp_path, rules, upstream=fake))
+    admin = {"authorization": "Bearer adm1n"}
+    with running_server(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="key-carol", max_retries=0)
+        leaked = [client.chat.completions.create(
+            model="m", max_tokens=300,
+            messages=[{"role": "user", "content": f"question {i} often perhaps"}],
+        ).choices[0].message.content or "" for i in range(30)]
+        corpus = "\n\n".join(leaked)
+        verdict = httpx.post(url + "/admin/canary/detect?null_keys=50", content=corpus,
+                             headers=admin, timeout=60)
+        matched = httpx.post(url + "/admin/ledger/match", content=leaked[5], headers=admin,
+                             timeout=10)
+        unauthorised = httpx.post(url + "/admin/ledger/match", content="x", timeout=10)
+        bad_param = httpx.post(url + "/admin/canary/detect?null_keys=lots", content="x",
+                               headers=admin, timeout=10)
+        wrong_method = httpx.get(url + "/admin/canary/detect", headers=admin, timeout=10)
+        too_big = httpx.post(url + "/admin/ledger/match", content=b"a " * (3 << 20),
+                             headers=admin, timeout=10)
+    report = verdict.json()
+    assert verdict.status_code == 200 and report["marked"] and report["null_keys"] == 50
+    assert report["accounts"][0]["account"] == "carol"
+    assert report["accounts"][0]["log10_p_bonferroni"] < -6
+    rows = matched.json()["matches"]
+    assert rows and {r["account"] for r in rows} == {"carol"} and rows[0]["distance"] <= 6
+    assert unauthorised.status_code == 401
+    assert bad_param.status_code == 400 and "null_keys" in bad_param.json()["error"]
+    assert (wrong_method.status_code, too_big.status_code) == (405, 413)

@@ -81,6 +81,26 @@ rules:
         r4 = await c.post("/v1/x", json={"model": "a"}, headers=bearer("key-carol"))
     assert [r.status_code for r in (r1, r2, r3, r4)] == [200, 429, 200, 200]
     assert "org-model" in r2.json()["error"]["message"]
+    # a shadow rule enforces nothing, so it must not show in the rate-limit headers either
+    assert [r.headers["x-ratelimit-remaining-requests"] for r in (r3, r4)] == ["0", "0"]
+    assert r4.headers["x-ratelimit-limit-requests"] == "1"
+
+
+async def test_shadow_rules_stay_out_of_rate_headers(tmp_path: Path) -> None:
+    app = GuardMiddleware(echo_app, write_policy(tmp_path, """
+rules:
+  - name: watch
+    quota: 1/minute
+    mode: shadow
+  - name: enforce
+    quota: 5/minute
+"""))
+    async with client_for(app) as c:
+        responses = [await c.post("/v1/x", json={}, headers=bearer("key-alice"))
+                     for _ in range(3)]
+    assert [r.status_code for r in responses] == [200, 200, 200]
+    assert [r.headers["x-ratelimit-remaining-requests"] for r in responses] == ["4", "3", "2"]
+    assert {r.headers["x-ratelimit-limit-requests"] for r in responses} == {"5"}
 
 
 async def test_client_key_removed_and_identity_passed(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from guardproxy.canary.keys import TAG_BITS, ZW_ONE, CanaryKeys, random_keys
 from guardproxy.canary.stats import log10_p, z_score
@@ -140,6 +141,28 @@ class Verdict:
     @property
     def mixed(self) -> bool:
         return sum(a.log10_p_bonferroni < -6 for a in self.accounts) > 1
+
+    @property
+    def marked(self) -> bool:
+        g = self.global_score
+        return g.sites > 0 and g.log10_p < -6
+
+    def as_dict(self) -> dict[str, Any]:
+        """The verdict as the CLI's ``--json`` and the admin API print it."""
+        g = self.global_score
+        return {"words": self.words, "global_sites": g.sites, "global_hits": g.hits,
+                "log10_p": g.log10_p, "marked": self.marked, "null_keys": self.null_keys,
+                "null_exceed": _finite(self.null_exceed), "null_max_z": _finite(self.null_max_z),
+                "z": _finite(g.z), "mixed": self.mixed,
+                "accounts": [{"account": a.account, "sites": a.sites, "hits": a.hits,
+                              "log10_p": a.log10_p,
+                              "log10_p_bonferroni": a.log10_p_bonferroni}
+                             for a in self.accounts]}
+
+
+def _finite(value: float) -> float | None:
+    """NaN (no null keys, no sites) is not JSON."""
+    return value if math.isfinite(value) else None
 
 
 def detect(keys: CanaryKeys, texts: list[str], accounts: Iterable[str],

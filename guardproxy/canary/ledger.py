@@ -27,16 +27,29 @@ from guardproxy.errors import StoreError
 _WORDS = re.compile(r"[a-z0-9]+")
 
 
+# Each digest byte value spread into 8 lanes of 32 bits, one lane per bit: summing the
+# spread values of all shingles counts, per bit position, how many hashes set it, with
+# big-integer additions instead of a Python loop over 64 bits per shingle (~20x faster).
+_LANE = 32
+_LANE_MASK = (1 << _LANE) - 1
+_SPREAD = tuple(sum(((value >> i) & 1) << (_LANE * i) for i in range(8)) for value in range(256))
+
+
 def simhash64(text: str) -> int:
+    """Charikar's SimHash over word 3-shingles: near-duplicate texts differ in few bits."""
     words = _WORDS.findall(text.lower())
     shingles = [" ".join(words[i:i + 3]) for i in range(max(1, len(words) - 2))] \
         if len(words) >= 3 else words
-    weights = [0] * 64
-    for shingle in shingles:
-        h = int.from_bytes(hashlib.blake2b(shingle.encode(), digest_size=8).digest(), "big")
-        for bit in range(64):
-            weights[bit] += 1 if h >> bit & 1 else -1
-    return sum(1 << bit for bit in range(64) if weights[bit] > 0)
+    digests = [hashlib.blake2b(s.encode(), digest_size=8).digest() for s in shingles]
+    result = 0
+    # zip(*digests): column k holds byte k of every digest; big-endian, so byte k holds
+    # bits 8*(7-k) .. 8*(7-k)+7 of the hash
+    for k, column in enumerate(zip(*digests, strict=True)):
+        counts = sum(map(_SPREAD.__getitem__, column))
+        for i in range(8):
+            if 2 * ((counts >> (_LANE * i)) & _LANE_MASK) > len(digests):  # majority set
+                result |= 1 << (8 * (7 - k) + i)
+    return result
 
 
 def paragraphs(text: str, min_words: int = 20) -> list[str]:
@@ -156,9 +169,14 @@ def open_ledger(store: str, *, state_uri: str, key_prefix: str, redis_client: An
 
 @dataclass(frozen=True)
 class Match:
-    paragraph: int
+    paragraph: int          # 0-based index among the text's paragraphs
     distance: int
     entry: LedgerEntry
+
+    def as_dict(self) -> dict[str, object]:
+        return {"paragraph": self.paragraph + 1, "account": self.entry.account,
+                "request": self.entry.request_id, "distance": self.distance,
+                "time": self.entry.time}
 
 
 async def match(ledger: Ledger, text: str, max_distance: int = 6) -> list[Match]:

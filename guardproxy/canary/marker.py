@@ -33,7 +33,7 @@ class Marker:
         stops = [s.lower() for s in stops if s]
         # never choose a word that takes part in a stop sequence: no new stop match
         self.blocked = {i for i, pair in enumerate(PAIRS)
-                        if any(w in s for s in stops for w in pair)}
+                        if any(w in s for s in stops for w in pair)} if stops else set()
         self.scanner = Scanner()
         self.stats = MarkStats()
 

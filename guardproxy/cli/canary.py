@@ -30,16 +30,9 @@ def _report(verdict: Any, as_json: bool) -> None:
     from guardproxy.canary.stats import format_p
 
     g = verdict.global_score
-    marked = g.sites > 0 and g.log10_p < -6
+    marked = verdict.marked
     if as_json:
-        click.echo(json.dumps({
-            "words": verdict.words, "global_sites": g.sites, "global_hits": g.hits,
-            "log10_p": g.log10_p, "marked": marked, "null_keys": verdict.null_keys,
-            "null_exceed": verdict.null_exceed, "null_max_z": verdict.null_max_z,
-            "z": g.z, "mixed": verdict.mixed,
-            "accounts": [{"account": a.account, "sites": a.sites, "hits": a.hits,
-                          "log10_p": a.log10_p, "log10_p_bonferroni": a.log10_p_bonferroni}
-                         for a in verdict.accounts]}, indent=2))
+        click.echo(json.dumps(verdict.as_dict(), indent=2))
         return
     click.echo(f"words {verdict.words}; global sites {g.sites}, keyed choice kept at "
                f"{g.hits} ({g.hits / g.sites:.0%})" if g.sites else

@@ -45,9 +45,7 @@ def match_command(files: tuple[Path, ...], policy_path: Path, max_distance: int,
         try:
             for path in files:
                 for m in await match(store, path.read_text(encoding="utf-8"), max_distance):
-                    rows.append({"file": str(path), "paragraph": m.paragraph + 1,
-                                 "account": m.entry.account, "request": m.entry.request_id,
-                                 "distance": m.distance, "time": m.entry.time})
+                    rows.append({"file": str(path), **m.as_dict()})
         finally:
             await store.aclose()
         return rows

@@ -79,6 +79,8 @@ class QuotaGuard:
         tightest: RateHeaders | None = None
         for item in self.rates:
             allowed = await self.limiter.hit(item, name, key)
+            if allowed and self.rule.shadow:
+                continue  # shadow rules report no headers: skip the second store call
             stats = await self.limiter.get_window_stats(item, name, key)
             rate = RateHeaders("requests", item.amount, stats.remaining, stats.reset_time)
             if not allowed:
