@@ -36,7 +36,7 @@ TARGET = "acct-424242"
 
 
 def site_density() -> float:
-    marker = Marker(KEYS, KEYS.tag(TARGET))
+    marker = Marker(KEYS, KEYS.code(TARGET))
     marker.mark((REPO / "tests" / "data" / "prose.txt").read_text())
     return marker.stats.sites / max(1, marker.stats.words)
 
@@ -47,7 +47,7 @@ def accounts(n: int) -> list[str]:
 
 
 def mark(text: str, account: str = TARGET, tripwire: bool = False) -> str:
-    return Marker(KEYS, KEYS.tag(account), tripwire=tripwire).mark(text)
+    return Marker(KEYS, KEYS.code(account), tripwire=tripwire).mark(text)
 
 
 def rerandomise(text: str, share: float, rng: random.Random) -> str:
@@ -147,7 +147,7 @@ def stream_cost(density: float, events: int) -> dict[str, float]:
     headers = [(b"content-type", b"text/event-stream")]
 
     def run(with_canary: bool) -> float:
-        stage = CanaryStage("openai", lambda: Marker(KEYS, KEYS.tag(TARGET)))
+        stage = CanaryStage("openai", lambda: Marker(KEYS, KEYS.code(TARGET)))
         stage.start(200, headers)
         sink = []
         t0 = time.process_time()
@@ -158,7 +158,7 @@ def stream_cost(density: float, events: int) -> dict[str, float]:
 
     run(True)
     plain, marked = min(run(False) for _ in range(3)), min(run(True) for _ in range(3))
-    marker = Marker(KEYS, KEYS.tag(TARGET))
+    marker = Marker(KEYS, KEYS.code(TARGET))
     marker.mark((REPO / "tests" / "data" / "prose.txt").read_text())
     return {"us_per_event_without_canary": round(plain, 2),
             "us_per_event_with_canary": round(marked, 2),

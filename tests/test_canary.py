@@ -11,11 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bench.corpus import prose
-from guardproxy.canary.detect import detect
+from guardproxy.canary.detect import account_bits, detect, observe, position_votes, score_code
 from guardproxy.canary.keys import CanaryKeys
 from guardproxy.canary.ledger import simhash64
 from guardproxy.canary.lexicon import ARTICLE_SENSITIVE, INDEX, PAIRS, takes_an
 from guardproxy.canary.marker import Marker
+from guardproxy.canary.stats import log10_p
 
 PROSE = (Path(__file__).parent / "data" / "prose.txt").read_text()
 KEYS = CanaryKeys("test-secret-0123456789")
@@ -31,11 +32,11 @@ def canonical(text: str) -> str:
 
 
 def mark(text: str, account: str = "alice", **kw: object) -> str:
-    return Marker(KEYS, KEYS.tag(account), **kw).mark(text)  # type: ignore[arg-type]
+    return Marker(KEYS, KEYS.code(account), **kw).mark(text)  # type: ignore[arg-type]
 
 
 def test_marks_change_only_lexical_choices_and_few_words() -> None:
-    marker = Marker(KEYS, KEYS.tag("alice"))
+    marker = Marker(KEYS, KEYS.code("alice"))
     out = marker.mark(PROSE)
     assert out != PROSE
     assert canonical(out) == canonical(PROSE)
@@ -91,7 +92,7 @@ def test_protected_spans_come_out_byte_identical(parts: list[str]) -> None:
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(min_value=0, max_value=len(PROSE)), max_size=30))
 def test_stream_and_whole_text_get_the_same_marks(cuts: list[int]) -> None:
-    marker = Marker(KEYS, KEYS.tag("alice"))
+    marker = Marker(KEYS, KEYS.code("alice"))
     points = sorted({0, len(PROSE), *cuts})
     streamed = "".join(marker.feed(PROSE[a:b]) for a, b in itertools.pairwise(points))
     assert streamed + marker.flush() == mark(PROSE)
@@ -101,7 +102,7 @@ def test_no_new_stop_sequence_match() -> None:
     words = [w for w in WORDS if w in PROSE.lower().split()]
     pair = PAIRS[INDEX[words[0]][0]]
     stop = f" {pair[1 - INDEX[words[0]][1]]}"
-    out = Marker(KEYS, KEYS.tag("alice"), stops=[stop]).mark(PROSE)
+    out = Marker(KEYS, KEYS.code("alice"), stops=[stop]).mark(PROSE)
     assert (stop in out) == (stop in PROSE)
 
 
@@ -135,7 +136,7 @@ def test_detect_reports_mixed_sources() -> None:
     assert verdict.mixed
 
 
-def test_accounts_sharing_a_tag_are_named_together() -> None:
+def test_accounts_sharing_a_tag_are_told_apart_by_check_bits() -> None:
     seen: dict[int, str] = {}
     for i in itertools.count():
         account = f"c-{i}"
@@ -145,10 +146,25 @@ def test_accounts_sharing_a_tag_are_named_together() -> None:
         seen[tag] = account
     verdict = detect(KEYS, [mark(prose(3000, seed=2), account)],
                      [twin, account, "alice"], null_keys=0)
-    top = verdict.accounts[0]
-    assert top.account == " = ".join(sorted([twin, account]))
-    assert top.known_accounts == 3
+    top, second = verdict.accounts[:2]
+    assert top.account == account and top.known_accounts == 3
+    assert top.log10_p_bonferroni < -6 and second.account == twin
+    assert second.log10_p_bonferroni > -3, "the twin only shares the lookup tag"
     assert not verdict.mixed
+
+
+def test_attribution_p_value_is_honest_against_other_accounts() -> None:
+    """Text from one account, scored as if it came from each of many others: the share
+    of accounts reaching p < alpha must stay at or below alpha."""
+    text = mark(prose(3000, seed=5), "alice")
+    bits = account_bits(KEYS, observe([text])[0])
+    majority = position_votes(bits)
+    assert len(majority) > 60
+    others = [f"other-{i}" for i in range(2000)]
+    p_values = [log10_p(score_code(majority, KEYS.code(o)), len(majority)) for o in others]
+    assert sum(p < -2 for p in p_values) <= 2000 * 0.01 * 2
+    assert sum(p < -1 for p in p_values) <= 2000 * 0.1 * 1.3
+    assert min(p_values) > -6
 
 
 def simhash_reference(text: str) -> int:

@@ -45,7 +45,7 @@ def anthropic_stream(pieces: list[str]) -> bytes:
 
 
 def run(dialect: str, body: bytes, cuts: list[int]) -> bytes:
-    stage = CanaryStage(dialect, lambda: Marker(KEYS, KEYS.tag("alice")))
+    stage = CanaryStage(dialect, lambda: Marker(KEYS, KEYS.code("alice")))
     stage.start(200, [(b"content-type", b"text/event-stream")])
     points = sorted({0, len(body), *(c % (len(body) + 1) for c in cuts)})
     pairs = list(itertools.pairwise(points))
@@ -80,7 +80,7 @@ def test_openai_stream_marks_equal_whole_text_for_any_chunking(sizes: list[int],
     events = events_of(out)
     text = "".join(d["choices"][0]["delta"].get("content", "")  # type: ignore[index]
                    for _, d in events if d and d.get("choices"))  # type: ignore[union-attr]
-    assert text == Marker(KEYS, KEYS.tag("alice")).mark(TEXT)
+    assert text == Marker(KEYS, KEYS.code("alice")).mark(TEXT)
     tool_line = b"data: " + json.dumps(TOOL).encode() + b"\n\n"
     assert tool_line in out, "tool-call events pass byte-identical"
     assert out.endswith(b"data: [DONE]\n\n")
@@ -95,13 +95,13 @@ def test_anthropic_stream_marks_equal_whole_text_for_any_chunking(sizes: list[in
     events = events_of(out)
     text = "".join(d["delta"]["text"] for n, d in events  # type: ignore[index]
                    if n == "content_block_delta")
-    assert text == Marker(KEYS, KEYS.tag("alice")).mark(TEXT)
+    assert text == Marker(KEYS, KEYS.code("alice")).mark(TEXT)
     names = [n for n, _ in events]
     assert names[-2:] == ["content_block_stop", "message_stop"]
 
 
 def test_error_and_non_text_responses_pass_untouched() -> None:
-    stage = CanaryStage("openai", lambda: Marker(KEYS, KEYS.tag("alice")))
+    stage = CanaryStage("openai", lambda: Marker(KEYS, KEYS.code("alice")))
     stage.start(429, [(b"content-type", b"application/json")])
     body = json.dumps({"error": {"message": "often big"}}).encode()
     assert stage.chunk(body, True) == body

@@ -2,13 +2,20 @@
 
 Each distinct (context, site) is counted once. The global verdict is an exact one-sided
 binomial test on the global sites (under the null, text we did not mark matches the
-keyed choice with probability 1/2 whatever the writer's own word preferences). The
-account is decoded in one pass: every account site votes for one bit of the 32-bit
-account tag; the least certain bits are enumerated, candidate tags are looked up among
-known accounts, and each candidate is tested exactly, with a Bonferroni correction for
-the number of known accounts; accounts whose tags collide are named together. Documents
-are also decoded one by one, so that a corpus mixing several accounts' outputs names
-each contributor instead of one wrong account.
+keyed choice with probability 1/2 whatever the writer's own word preferences).
+
+The account is decoded in one pass: account sites that carry a bit of the 32-bit tag
+vote for it; the least certain tag bits are enumerated, and the candidate tags are
+looked up among the known accounts. Each candidate is then tested on codeword
+*positions*, not sites: every position the text covers gets the majority of its sites'
+bits, and the p-value is the binomial tail of the positions that agree with the
+candidate's codeword. That is exact against both nulls that matter — unmarked text (a
+position's majority is then a fair coin, the masks being keyed per site) and another
+account's text (two codewords agree on each position by chance) — whereas counting
+sites would overstate the evidence against another account, whose sites at one position
+all agree or all disagree together. A Bonferroni correction covers the number of known
+accounts. Documents are also decoded one by one, so that a corpus mixing several
+accounts' outputs names each contributor instead of one wrong account.
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ from guardproxy.canary.keys import TAG_BITS, ZW_ONE, CanaryKeys, random_keys
 from guardproxy.canary.stats import log10_p, z_score
 from guardproxy.canary.text import Scanner
 
-MAX_FLIPS = 12          # 2**12 candidate tags per decode
+MAX_FLIPS = 20          # 2**20 candidate tags for a whole corpus (~0.3 s)
+DOC_FLIPS = 12          # and 2**12 for each of its documents
 MIN_DOC_SITES = 24      # documents with fewer account sites are not decoded alone
 
 
@@ -69,13 +77,13 @@ class GlobalScore:
 class AccountScore:
     account: str
     tag: int
-    sites: int
-    hits: int
+    positions: int          # distinct codeword positions the text covers
+    hits: int               # of which agree with this account's codeword
     known_accounts: int
 
     @property
     def log10_p(self) -> float:
-        return log10_p(self.hits, self.sites)
+        return log10_p(self.hits, self.positions)
 
     @property
     def log10_p_bonferroni(self) -> float:
@@ -108,25 +116,32 @@ def account_bits(keys: CanaryKeys, obs: Observed,
     return bits
 
 
-def candidate_tags(bits: list[tuple[int, int]], known: Container[int]) -> list[int]:
+def candidate_tags(bits: list[tuple[int, int]], known: Container[int],
+                   flips: int = MAX_FLIPS) -> list[int]:
     votes = [0] * TAG_BITS
     for position, bit in bits:
-        votes[position] += 1 if bit else -1
-    best = sum(1 << i for i, v in enumerate(votes) if v > 0)
-    unsure = sorted(range(TAG_BITS), key=lambda i: abs(votes[i]))[:MAX_FLIPS]
-    found = []
-    for flips in range(1 << len(unsure)):
-        tag = best
-        for j, position in enumerate(unsure):
-            if flips >> j & 1:
-                tag ^= 1 << position
+        if position < TAG_BITS:
+            votes[position] += 1 if bit else -1
+    tag = sum(1 << i for i, v in enumerate(votes) if v > 0)
+    unsure = sorted(range(TAG_BITS), key=lambda i: abs(votes[i]))[:flips]
+    found = [tag] if tag in known else []
+    for step in range(1, 1 << len(unsure)):  # Gray code: one bit flips per candidate
+        tag ^= 1 << unsure[(step & -step).bit_length() - 1]
         if tag in known:
             found.append(tag)
     return found
 
 
-def score_tag(bits: list[tuple[int, int]], tag: int) -> int:
-    return sum(1 for position, bit in bits if (tag >> position) & 1 == bit)
+def position_votes(bits: list[tuple[int, int]]) -> dict[int, bool]:
+    """The majority bit of every codeword position the text covers (ties dropped)."""
+    votes: dict[int, int] = {}
+    for position, bit in bits:
+        votes[position] = votes.get(position, 0) + (1 if bit else -1)
+    return {position: v > 0 for position, v in votes.items() if v}
+
+
+def score_code(majority: dict[int, bool], code: int) -> int:
+    return sum(1 for position, bit in majority.items() if bool(code >> position & 1) == bit)
 
 
 @dataclass
@@ -154,7 +169,7 @@ class Verdict:
                 "log10_p": g.log10_p, "marked": self.marked, "null_keys": self.null_keys,
                 "null_exceed": _finite(self.null_exceed), "null_max_z": _finite(self.null_max_z),
                 "z": _finite(g.z), "mixed": self.mixed,
-                "accounts": [{"account": a.account, "sites": a.sites, "hits": a.hits,
+                "accounts": [{"account": a.account, "positions": a.positions, "hits": a.hits,
                               "log10_p": a.log10_p,
                               "log10_p_bonferroni": a.log10_p_bonferroni}
                              for a in self.accounts]}
@@ -167,8 +182,8 @@ def _finite(value: float) -> float | None:
 
 def detect(keys: CanaryKeys, texts: list[str], accounts: Iterable[str],
            null_keys: int = 1000) -> Verdict:
-    # 32-bit tags collide (about 116 pairs among 10^6 accounts): such accounts are
-    # indistinguishable by marks and named together, "a = b"; the ledger tells them apart
+    # 32-bit tags collide (about 116 pairs among 10^6 accounts): every account under a
+    # candidate tag is scored on its own codeword, whose check bits tell them apart
     known: dict[int, list[str]] = {}
     count = 0
     for account in accounts:
@@ -184,10 +199,11 @@ def detect(keys: CanaryKeys, texts: list[str], accounts: Iterable[str],
     for doc in docs:
         doc_bits = account_bits(keys, doc)
         if len(doc_bits) >= MIN_DOC_SITES:
-            tags.update(candidate_tags(doc_bits, known))
-    scores = sorted((AccountScore(" = ".join(sorted(known[t])), t, len(bits),
-                                  score_tag(bits, t), count)
-                     for t in tags), key=lambda a: a.log10_p)
+            tags.update(candidate_tags(doc_bits, known, DOC_FLIPS))
+    majority = position_votes(bits)
+    scores = sorted((AccountScore(account, t, len(majority),
+                                  score_code(majority, keys.code(account)), count)
+                     for t in tags for account in known[t]), key=lambda a: a.log10_p)
     z = g.z
     null = [global_score(k, whole.sites).z for k in random_keys(null_keys)] if null_keys else []
     return Verdict(words=whole.words, global_score=g, accounts=scores[:5],

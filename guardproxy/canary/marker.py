@@ -24,12 +24,12 @@ class MarkStats:
 class Marker:
     """Rewrites one text (a whole response, or one stream's deltas in order)."""
 
-    def __init__(self, keys: CanaryKeys, tag: int | None, *, lexical: bool = True,
+    def __init__(self, keys: CanaryKeys, code: int | None, *, lexical: bool = True,
                  tripwire: bool = False, stops: Iterable[str] = ()) -> None:
         self.keys = keys
-        self.tag = tag
+        self.code = code  # the account's codeword (CanaryKeys.code); None: global mark only
         self.lexical = lexical
-        self.tripwire = tripwire and tag is not None
+        self.tripwire = tripwire and code is not None
         stops = [s.lower() for s in stops if s]
         # never choose a word that takes part in a stop sequence: no new stop match
         self.blocked = {i for i, pair in enumerate(PAIRS)
@@ -64,8 +64,8 @@ class Marker:
         if self.tripwire:
             slot = self.keys.tripwire(unit.context)
             if slot.present:
-                assert self.tag is not None
-                bit = (self.tag >> slot.position) & 1 ^ slot.mask
+                assert self.code is not None
+                bit = (self.code >> slot.position) & 1 ^ slot.mask
                 text += ZW_ONE if bit else ZW_ZERO
         return text
 
@@ -75,6 +75,6 @@ class Marker:
             return None
         if site.is_global:
             return site.global_choice
-        if self.tag is None:
+        if self.code is None:
             return None
-        return (self.tag >> site.position) & 1 ^ site.mask
+        return (self.code >> site.position) & 1 ^ site.mask

@@ -47,7 +47,7 @@ def _report(verdict: Any, as_json: bool) -> None:
     if not verdict.accounts:
         click.echo("accounts: no known account decoded")
     for a in verdict.accounts:
-        click.echo(f"  account {a.account}: {a.hits}/{a.sites} account sites agree, "
+        click.echo(f"  account {a.account}: {a.hits}/{a.positions} codeword positions agree, "
                    f"p = {format_p(a.log10_p)}, Bonferroni over "
                    f"{a.known_accounts} accounts: {format_p(a.log10_p_bonferroni)}")
     if verdict.mixed:

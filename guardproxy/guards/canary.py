@@ -140,13 +140,13 @@ class CanaryGuard:
             return None
         assert exchange.json is not None
         account = exchange.account.id
-        tag = self.keys.tag(account)
+        code = self.keys.code(account)
         stops = stops_of(exchange.json)
         s = self.settings
         enforce = not self.rule.shadow
 
         def new_marker() -> Marker:
-            return Marker(self.keys, tag, lexical=s.lexical and enforce,
+            return Marker(self.keys, code, lexical=s.lexical and enforce,
                           tripwire=s.tripwire and enforce, stops=stops)
 
         async def record(text: str) -> None:
