@@ -20,7 +20,7 @@ from urllib.parse import parse_qs
 
 from starlette.types import Receive, Scope, Send
 
-from guardproxy.canary.detect import detect
+from guardproxy.canary.detect import AccountIndex, detect
 from guardproxy.canary.ledger import match
 from guardproxy.exchange import Exchange
 from guardproxy.flow import Pipeline
@@ -64,6 +64,7 @@ class AdminApp:
     def __init__(self, pipeline: Pipeline, token: str) -> None:
         self.pipeline = pipeline
         self.token = token.encode()
+        self._accounts: AccountIndex | None = None  # built on first use: 10^6 HMACs
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = dict(scope["headers"])
@@ -108,9 +109,12 @@ class AdminApp:
         if not guards:
             return 404, {"error": "the policy has no canary rule"}
         null_keys = _int_param(query, "null_keys", 200, 0, 1000)
-        accounts = sorted(self.pipeline.identifier.by_id)
+        keys = guards[0].keys
         # scoring is CPU work: keep it off the event loop that is proxying requests
-        verdict = await asyncio.to_thread(detect, guards[0].keys, [text], accounts, null_keys)
+        if self._accounts is None:
+            accounts = sorted(self.pipeline.identifier.by_id)
+            self._accounts = await asyncio.to_thread(AccountIndex, keys, accounts)
+        verdict = await asyncio.to_thread(detect, keys, [text], self._accounts, null_keys)
         return 200, verdict.as_dict()
 
     async def ledger_match(self, text: str,

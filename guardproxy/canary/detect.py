@@ -180,15 +180,23 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def detect(keys: CanaryKeys, texts: list[str], accounts: Iterable[str],
+class AccountIndex:
+    """Known accounts by their 32-bit tag; build once, detect many times."""
+
+    def __init__(self, keys: CanaryKeys, accounts: Iterable[str]) -> None:
+        # 32-bit tags collide (about 116 pairs among 10^6 accounts): every account under
+        # a candidate tag is scored on its own codeword, whose check bits tell them apart
+        self.by_tag: dict[int, list[str]] = {}
+        self.count = 0
+        for account in accounts:
+            self.by_tag.setdefault(keys.tag(account), []).append(account)
+            self.count += 1
+
+
+def detect(keys: CanaryKeys, texts: list[str], accounts: Iterable[str] | AccountIndex,
            null_keys: int = 1000) -> Verdict:
-    # 32-bit tags collide (about 116 pairs among 10^6 accounts): every account under a
-    # candidate tag is scored on its own codeword, whose check bits tell them apart
-    known: dict[int, list[str]] = {}
-    count = 0
-    for account in accounts:
-        known.setdefault(keys.tag(account), []).append(account)
-        count += 1
+    index = accounts if isinstance(accounts, AccountIndex) else AccountIndex(keys, accounts)
+    known, count = index.by_tag, index.count
     docs = observe(texts)
     whole = Observed(words=sum(d.words for d in docs),
                      sites=[s for d in docs for s in d.sites],
