@@ -169,3 +169,30 @@ def test_admin_detect_and_match_read_the_in_process_memory_ledger(tmp_path: Path
     assert unauthorised.status_code == 401
     assert bad_param.status_code == 400 and "null_keys" in bad_param.json()["error"]
     assert (wrong_method.status_code, too_big.status_code) == (405, 413)
+
+
+def test_redis_ledger_is_shared_bounded_and_read_by_the_cli(
+        tmp_path: Path, fake: str, redis_prefix: tuple[str, str]) -> None:
+    import redis
+
+    redis_url, prefix = redis_prefix
+    rules = (f"rules:\n  - name: marks\n    canary: {{secret: {SECRET}, "
+             f"ledger: {{store: state, max_entries: 5}}}}\n")
+    policy = write_policy(tmp_path, rules, upstream=fake, state=redis_url, key_prefix=prefix)
+    answers = []
+    for _ in range(2):  # two proxy instances, one ledger
+        with running_server(create_app(policy)) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="key-alice", max_retries=0)
+            answers += [client.chat.completions.create(
+                model="m", max_tokens=200,
+                messages=[{"role": "user", "content": f"question {len(answers)} {i}"}],
+            ).choices[0].message.content or "" for i in range(4)]
+    stored = redis.Redis.from_url(redis_url).xlen(f"{prefix}:ledger")
+    assert stored == 5, "the stream is trimmed to max_entries"
+    leak = tmp_path / "leak.txt"
+    leak.write_text(answers[-1])
+    found = CliRunner().invoke(main, ["ledger", "match", str(leak), "--policy", str(policy),
+                                      "--json"])
+    assert found.exit_code == 0, found.output
+    rows = json.loads(found.stdout)
+    assert rows and rows[0]["account"] == "alice" and rows[0]["distance"] == 0

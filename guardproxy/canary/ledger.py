@@ -116,8 +116,10 @@ class RedisLedger(Ledger):
 
     async def record(self, entry: LedgerEntry) -> None:
         try:
+            # exact MAXLEN: one eviction per add is cheap, and "~" would let a small bound
+            # be overrun by a whole stream node (100 entries)
             await self.client.xadd(self.key, {"e": entry.to_json()}, maxlen=self.max_entries,
-                                   approximate=True)
+                                   approximate=False)
         except RedisError as exc:
             raise StoreError(f"ledger store unavailable: {exc}") from exc
 
