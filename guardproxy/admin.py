@@ -125,7 +125,7 @@ class AdminApp:
         max_distance = _int_param(query, "max_distance", 6, 0, 64)
         found = [m for ledger in ledgers.values()
                  for m in await match(ledger, text, max_distance)]
-        found.sort(key=lambda m: (m.paragraph, m.distance))
+        found.sort(key=lambda m: (m.piece, m.distance))
         return 200, {"matches": [m.as_dict() for m in found]}
 
 

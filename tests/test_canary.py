@@ -194,3 +194,22 @@ def test_simhash_is_close_for_near_copies_and_far_otherwise() -> None:
     edited = a.replace(" the ", " a ", 3)
     assert (simhash64(a) ^ simhash64(edited)).bit_count() <= 6
     assert (simhash64(a) ^ simhash64(b)).bit_count() > 16
+
+
+async def test_ledger_matches_pasted_lines_and_single_paragraphs() -> None:
+    from guardproxy.canary.ledger import LedgerEntry, MemoryLedger, match, paragraph_hashes
+
+    ledger = MemoryLedger(100)
+    answers = [" ".join(prose(120, seed=20 + i).split()) for i in range(3)]  # one line each
+    two_part = prose(80, seed=30) + "\n\n" + prose(80, seed=31)
+    for i, text in enumerate([*answers, two_part]):
+        await ledger.record(LedgerEntry(simhash64(text), f"acct-{i}", f"req-{i}", 0.0,
+                                        len(text.split()), paragraph_hashes(text)))
+    pasted = "\n".join(answers)  # several answers, one per line: no blank lines
+    found = await match(ledger, pasted)
+    assert {(m.piece, m.entry.account) for m in found if m.distance == 0} >= {
+        (1, "acct-0"), (2, "acct-1"), (3, "acct-2")}
+    second_paragraph = two_part.split("\n\n")[1]
+    hits = await match(ledger, "Intro.\n\n" + second_paragraph)
+    assert [m.entry.account for m in hits if m.distance == 0] == ["acct-3"]
+    assert not await match(ledger, prose(120, seed=99))

@@ -1,10 +1,12 @@
 """The output ledger: a SimHash of every marked response, with who received it.
 
-A leaked passage can then be looked up without relying on any mark: paragraphs whose
-64-bit SimHash is within a few bits of a recorded response point at the account and
-request. Stores: a bounded in-process ring (``memory://`` state), a Redis stream trimmed
-to ``max_entries`` (one XADD per response), or a JSON-lines file. Matching scans the
-ledger linearly (a popcount per entry: about a second per million entries).
+A leaked passage can then be looked up without relying on any mark: pieces whose
+64-bit SimHash is within a few bits of a recorded response, or of one of its
+paragraphs, point at the account and request. A leak is cut into pieces at blank lines
+and, since copied answers are often pasted one per line, at single line breaks too.
+Stores: a bounded in-process ring (``memory://`` state), a Redis stream trimmed to
+``max_entries`` (one XADD per response), or a JSON-lines file. Matching scans the
+ledger linearly (a popcount per hash: about a second per million entries).
 """
 
 from __future__ import annotations
@@ -65,24 +67,49 @@ def paragraphs(text: str, min_words: int = 20) -> list[str]:
     return out
 
 
+MAX_PARTS = 32  # paragraph hashes kept per response
+
+
+def pieces(text: str) -> list[str]:
+    """A leaked text's pieces: its paragraphs, then its long lines that are not one."""
+    out = paragraphs(text)
+    seen = set(out)
+    for line in text.splitlines():
+        line = line.strip()
+        if len(line.split()) >= 20 and line not in seen:
+            seen.add(line)
+            out.append(line)
+    return out
+
+
+def paragraph_hashes(text: str) -> tuple[int, ...]:
+    """SimHashes of a response's paragraphs, when it has more than one."""
+    parts = paragraphs(text)
+    return tuple(simhash64(p) for p in parts[:MAX_PARTS]) if len(parts) > 1 else ()
+
+
 @dataclass(frozen=True)
 class LedgerEntry:
-    simhash: int
+    simhash: int                    # the whole response
     account: str
     request_id: str
     time: float
     words: int
+    parts: tuple[int, ...] = ()     # each of its paragraphs
 
     def to_json(self) -> str:
         return json.dumps({"simhash": f"{self.simhash:016x}", "account": self.account,
                            "request_id": self.request_id, "time": self.time,
-                           "words": self.words})
+                           "words": self.words, "parts": [f"{h:016x}" for h in self.parts]})
 
     @classmethod
     def from_json(cls, text: str | bytes) -> LedgerEntry:
         d = json.loads(text)
         return cls(int(d["simhash"], 16), d["account"], d["request_id"], float(d["time"]),
-                   int(d["words"]))
+                   int(d["words"]), tuple(int(h, 16) for h in d.get("parts", ())))
+
+    def distance(self, simhash: int) -> int:
+        return min((simhash ^ h).bit_count() for h in (self.simhash, *self.parts))
 
 
 class Ledger(ABC):
@@ -171,19 +198,24 @@ def open_ledger(store: str, *, state_uri: str, key_prefix: str, redis_client: An
 
 @dataclass(frozen=True)
 class Match:
-    paragraph: int          # 0-based index among the text's paragraphs
+    piece: int              # 0-based index among the text's pieces
+    excerpt: str
     distance: int
     entry: LedgerEntry
 
     def as_dict(self) -> dict[str, object]:
-        return {"paragraph": self.paragraph + 1, "account": self.entry.account,
-                "request": self.entry.request_id, "distance": self.distance,
-                "time": self.entry.time}
+        return {"piece": self.piece + 1, "excerpt": self.excerpt,
+                "account": self.entry.account, "request": self.entry.request_id,
+                "distance": self.distance, "time": self.entry.time}
 
 
 async def match(ledger: Ledger, text: str, max_distance: int = 6) -> list[Match]:
-    hashes = [simhash64(p) for p in paragraphs(text)]
-    found = [Match(i, (h ^ entry.simhash).bit_count(), entry)
-             async for entry in ledger.entries() for i, h in enumerate(hashes)
-             if (h ^ entry.simhash).bit_count() <= max_distance]
-    return sorted(found, key=lambda m: (m.paragraph, m.distance))
+    cut = pieces(text)
+    hashes = [simhash64(p) for p in cut]
+    excerpts = [" ".join(p.split()[:8]) + " …" for p in cut]
+    found = []
+    async for entry in ledger.entries():
+        for i, h in enumerate(hashes):
+            if (distance := entry.distance(h)) <= max_distance:
+                found.append(Match(i, excerpts[i], distance, entry))
+    return sorted(found, key=lambda m: (m.piece, m.distance))

@@ -62,7 +62,8 @@ def canary() -> None:
 
 
 @canary.command()
-@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("files", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--policy", "policy_path", type=click.Path(path_type=Path), required=True,
               envvar="GUARDPROXY_POLICY")
 @click.option("--null-keys", default=1000, show_default=True, type=click.IntRange(min=0))
@@ -99,7 +100,8 @@ def _ask(client: Any, target: str, dialect: str, model: str, prompt: str) -> str
 @canary.command()
 @click.option("--target", required=True, help="Base URL of the suspect model API.")
 @click.option("--dialect", type=click.Choice(["openai", "anthropic"]), default="openai")
-@click.option("--prompts", type=click.Path(path_type=Path), required=True,
+@click.option("--prompts", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              required=True,
               help="One prompt per line.")
 @click.option("--model", default="default", show_default=True)
 @click.option("--api-key", envvar="PROBE_API_KEY", default="", help="Or $PROBE_API_KEY.")

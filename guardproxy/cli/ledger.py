@@ -19,14 +19,16 @@ def ledger() -> None:
 
 
 @ledger.command("match")
-@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("files", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--policy", "policy_path", type=click.Path(path_type=Path), required=True,
               envvar="GUARDPROXY_POLICY")
 @click.option("--max-distance", default=6, show_default=True, type=click.IntRange(0, 64))
 @click.option("--json", "as_json", is_flag=True)
 def match_command(files: tuple[Path, ...], policy_path: Path, max_distance: int,
                   as_json: bool) -> None:
-    """Paragraphs of FILE whose SimHash is within --max-distance bits of a response."""
+    """Pieces of FILE (paragraphs, long lines) within --max-distance SimHash bits of a
+    recorded response or of one of its paragraphs."""
     from guardproxy.canary.ledger import MemoryLedger, match
     from guardproxy.canary.settings import ledger_from_policy
 
@@ -56,7 +58,8 @@ def match_command(files: tuple[Path, ...], policy_path: Path, max_distance: int,
         return
     for row in rows:
         when = datetime.fromtimestamp(float(row["time"]), UTC).isoformat()  # type: ignore[arg-type]
-        click.echo(f"{row['file']}:{row['paragraph']}: account={row['account']} "
-                   f"request={row['request']} distance={row['distance']} time={when}")
+        click.echo(f"{row['file']} piece {row['piece']} ({row['excerpt']}): "
+                   f"account={row['account']} request={row['request']} "
+                   f"distance={row['distance']} time={when}")
     if not rows:
         click.echo("no match")

@@ -24,7 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from guardproxy.canary.keys import CanaryKeys
-from guardproxy.canary.ledger import Ledger, LedgerEntry, open_ledger, simhash64
+from guardproxy.canary.ledger import (
+    Ledger,
+    LedgerEntry,
+    open_ledger,
+    paragraph_hashes,
+    simhash64,
+)
 from guardproxy.canary.marker import Marker
 from guardproxy.canary.stage import CanaryStage
 from guardproxy.exchange import Exchange
@@ -154,7 +160,7 @@ class CanaryGuard:
                 await self.ledger.record(LedgerEntry(
                     simhash=simhash64(text), account=account,
                     request_id=exchange.request_id, time=time.time(),
-                    words=len(text.split())))
+                    words=len(text.split()), parts=paragraph_hashes(text)))
 
         stage = CanaryStage(self.dialect, new_marker, record)
         return Outcome(allowed=True, rule=self.rule.name, shadow=self.rule.shadow, stage=stage)
