@@ -196,3 +196,20 @@ def test_redis_ledger_is_shared_bounded_and_read_by_the_cli(
     assert found.exit_code == 0, found.output
     rows = json.loads(found.stdout)
     assert rows and rows[0]["account"] == "alice" and rows[0]["distance"] == 0
+
+
+def test_probe_scores_a_suspect_api(tmp_path: Path, fake: str) -> None:
+    policy = write_policy(tmp_path, RULES, upstream=fake)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"explain topic {i} often and simply" for i in range(12)))
+    args = ["canary", "probe", "--prompts", str(prompts), "--policy", str(policy),
+            "--model", "m", "--null-keys", "50", "--json"]
+    with running_server(create_app(policy)) as url:  # a "student" serving our marked text
+        marked = CliRunner().invoke(main, [*args, "--target", url, "--api-key", "key-carol"])
+    clean = CliRunner().invoke(main, [*args, "--target", fake])
+    down = CliRunner().invoke(main, [*args, "--target", "http://127.0.0.1:9"])
+    assert marked.exit_code == 0, marked.output
+    report = json.loads(marked.stdout)
+    assert report["marked"] and report["accounts"][0]["account"] == "carol"
+    assert clean.exit_code == 0 and not json.loads(clean.stdout)["marked"]
+    assert down.exit_code == 1 and "http://127.0.0.1:9" in down.output

@@ -118,8 +118,10 @@ def probe(target: str, dialect: str, prompts: Path, model: str, api_key: str,
 
     keys, accounts = _setup(policy_path)
     lines = [p.strip() for p in prompts.read_text(encoding="utf-8").splitlines() if p.strip()]
-    headers = ({"x-api-key": api_key, "anthropic-version": "2023-06-01"}
-               if dialect == "anthropic" else {"authorization": f"Bearer {api_key}"})
+    headers = {"anthropic-version": "2023-06-01"} if dialect == "anthropic" else {}
+    if api_key:  # an empty "Bearer " is not even a legal header value
+        headers["x-api-key" if dialect == "anthropic" else "authorization"] = (
+            api_key if dialect == "anthropic" else f"Bearer {api_key}")
     answers = []
     with httpx.Client(headers=headers, timeout=120) as client, \
             click.progressbar(lines, label="probing", file=sys.stderr) as bar:
@@ -128,6 +130,10 @@ def probe(target: str, dialect: str, prompts: Path, model: str, api_key: str,
                 answers.append(_ask(client, target, dialect, model, prompt))
             except httpx.HTTPError as exc:
                 click.echo(f"{target}: {exc}", err=True)
+                sys.exit(1)
+            except (ValueError, LookupError, TypeError, AttributeError) as exc:
+                click.echo(f"{target}: not a {dialect} answer ({type(exc).__name__}: {exc})",
+                           err=True)
                 sys.exit(1)
     verdict = run_detect(keys, answers, accounts, null_keys=null_keys)
     if math.isnan(verdict.null_exceed) and not as_json:
