@@ -12,7 +12,6 @@ from starlette.types import Message
 from guardproxy.errors import UpstreamError, UpstreamTimeout
 from guardproxy.policy.model import UpstreamConfig
 from guardproxy.upstream import UpstreamApp
-from guardproxy.upstream.forward import make_client
 from guardproxy.upstream.headers import request_headers, response_headers
 
 CONFIG = UpstreamConfig(url="http://upstream.test", dialect="openai",
@@ -68,7 +67,7 @@ async def test_stream_is_closed_when_client_disconnects() -> None:
         return httpx.Response(200, headers={"content-type": "text/event-stream"},
                               stream=stream)
 
-    app = UpstreamApp(CONFIG, httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+    app = UpstreamApp(CONFIG, httpx.MockTransport(handler))
     got: list[Message] = []
     disconnect = asyncio.Event()
     messages = [{"type": "http.request", "body": b"{}", "more_body": False}]
@@ -101,7 +100,7 @@ async def test_transport_errors_are_translated(exc: Exception, expected: type) -
     def handler(request: httpx.Request) -> httpx.Response:
         raise exc
 
-    app = UpstreamApp(CONFIG, httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+    app = UpstreamApp(CONFIG, httpx.MockTransport(handler))
 
     async def receive() -> Message:
         return {"type": "http.request", "body": b"{}", "more_body": False}
@@ -113,13 +112,29 @@ async def test_transport_errors_are_translated(exc: Exception, expected: type) -
         await app(scope(), receive, send)
 
 
-async def test_real_client_keeps_no_cookies() -> None:
-    client = make_client(CONFIG)
-    try:
-        response = httpx.Response(200, headers={"set-cookie": "session=1; Path=/"},
-                                  request=httpx.Request("GET", "http://upstream.test/"))
-        client.cookies.extract_cookies(response)
-        assert len(client.cookies.jar) == 0
-        assert "user-agent" not in client.headers
-    finally:
-        await client.aclose()
+async def test_no_cookie_is_kept_or_replayed_and_no_client_identity_added() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, headers={"set-cookie": "session=1; Path=/",
+                                            "content-length": "2"}, content=b"{}")
+
+    app = UpstreamApp(CONFIG, httpx.MockTransport(handler))
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    for _ in range(2):
+        await app(scope(), receive, send)
+    assert "cookie" not in seen[1].headers, "a cookie set for one caller reached the next"
+    assert "user-agent" not in seen[0].headers
+    assert seen[0].headers["accept-encoding"] == "identity"
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [200, 200]
+
+

@@ -1,17 +1,20 @@
 """``UpstreamApp``: a pure ASGI app that forwards each request to the model API.
 
-httpx is the client API; the transport under it is aiohttp's, chosen by measurement
-(httpcore's pool collapses under concurrency, encode/httpx#3215; see bench/). httpx
-and aiohttp errors are translated here into ``UpstreamError`` / ``UpstreamTimeout``.
-Streamed bodies are relayed chunk by chunk, and the upstream response is always
-closed in this module's own ``finally`` — on completion, error or client disconnect.
+httpx is the HTTP API (requests, responses, timeouts, errors); the transport under it is
+aiohttp's, chosen by measurement (httpcore's pool collapses under concurrency,
+encode/httpx#3215; see bench/). ``UpstreamApp`` plays the client: it builds each request
+and hands it straight to the transport, because a proxy needs none of ``AsyncClient``'s
+per-response behaviour — no redirects, no auth flows, and above all no cookie jar shared
+by every caller (httpx offers each response to its jar, and wrapping it for the jar alone
+cost ~5% of a proxied request's CPU). httpx and aiohttp errors are translated here into
+``UpstreamError`` / ``UpstreamTimeout``. Streamed bodies are relayed chunk by chunk, and
+the upstream response is always closed in this module's own ``finally`` — on completion,
+error or client disconnect.
 """
 
 from __future__ import annotations
 
-import http.cookiejar
 from collections.abc import AsyncIterator
-from typing import Any
 
 import anyio
 import httpx
@@ -24,27 +27,8 @@ from guardproxy.upstream.headers import request_headers, response_headers
 _BUFFER_LIMIT = 1 << 20  # non-streamed bodies up to this size are sent in one message
 
 
-class _NoCookies(http.cookiejar.CookieJar):
-    """The proxy is shared by many clients: it must never keep or replay a cookie.
-
-    A jar that ignores everything, rather than a policy that refuses each cookie: httpx
-    offers every response to the jar, and parsing what would be refused anyway cost
-    ~7% of a proxied request's CPU."""
-
-    def extract_cookies(self, response: Any, request: Any) -> None:
-        return None
-
-    def add_cookie_header(self, request: Any) -> None:
-        return None
-
-    def set_cookie(self, cookie: http.cookiejar.Cookie) -> None:
-        return None
-
-
-def make_client(config: UpstreamConfig) -> httpx.AsyncClient:
-    timeout = httpx.Timeout(config.timeout, connect=config.connect_timeout)
+def make_transport() -> httpx.AsyncBaseTransport:
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
-    transport: httpx.AsyncBaseTransport
     try:
         import aiohttp
         from httpx_aiohttp import AiohttpTransport
@@ -55,32 +39,30 @@ def make_client(config: UpstreamConfig) -> httpx.AsyncClient:
             return aiohttp.ClientSession(connector=connector,
                                          cookie_jar=aiohttp.DummyCookieJar())
 
-        transport = AiohttpTransport(limits=limits, client=session)
+        return AiohttpTransport(limits=limits, client=session)
     except ImportError:  # pragma: no cover - httpx-aiohttp is a declared dependency
-        transport = httpx.AsyncHTTPTransport(limits=limits)
-    client = httpx.AsyncClient(transport=transport, timeout=timeout, follow_redirects=False,
-                               cookies=_NoCookies())
-    client.headers.clear()  # no httpx user-agent or accept-encoding of its own
-    return client
+        return httpx.AsyncHTTPTransport(limits=limits)
 
 
 class UpstreamApp:
-    def __init__(self, config: UpstreamConfig, client: httpx.AsyncClient | None = None) -> None:
+    def __init__(self, config: UpstreamConfig,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.config = config
         self.base = config.url
         self.headers = [(k.lower().encode(), v.encode()) for k, v in config.headers]
-        self._client = client
+        self.timeout = httpx.Timeout(config.timeout, connect=config.connect_timeout).as_dict()
+        self._transport = transport
 
     @property
-    def client(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = make_client(self.config)
-        return self._client
+    def transport(self) -> httpx.AsyncBaseTransport:
+        if self._transport is None:
+            self._transport = make_transport()
+        return self._transport
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        if self._transport is not None:
+            await self._transport.aclose()
+            self._transport = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -89,15 +71,16 @@ class UpstreamApp:
         url = self.base + scope.get("raw_path", scope["path"].encode()).decode("latin-1")
         if scope.get("query_string"):
             url += "?" + scope["query_string"].decode("latin-1")
-        request = self.client.build_request(
-            scope["method"], url,
-            headers=request_headers(scope["headers"], self.headers),
-            content=await _read_or_stream(receive),
-        )
         try:
-            response = await self.client.send(request, stream=True)
+            request = httpx.Request(scope["method"], url,
+                                    headers=request_headers(scope["headers"], self.headers),
+                                    content=await _read_or_stream(receive),
+                                    extensions={"timeout": self.timeout})
+            response = await self.transport.handle_async_request(request)
         except httpx.HTTPError as exc:
             raise _translate(exc, "upstream unreachable") from exc
+        except httpx.InvalidURL as exc:
+            raise UpstreamError(f"cannot forward to {url!r}: {exc}") from exc
         try:
             await send({"type": "http.response.start", "status": response.status_code,
                         "headers": response_headers(response.headers.raw)})
