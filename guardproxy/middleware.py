@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from guardproxy.errors import GuardProxyError, RequestError, UpstreamError
 from guardproxy.exchange import Exchange
 from guardproxy.flow import Admission, Pipeline
+from guardproxy.ids import IdSource
 from guardproxy.policy.load import load_policy
 from guardproxy.policy.model import Policy
 from guardproxy.response.events import Ending
@@ -40,6 +40,7 @@ class GuardMiddleware:
         self.pipeline = Pipeline(policy if isinstance(policy, Policy) else load_policy(policy),
                                  state)
         self.max_body = self.pipeline.policy.clients.max_body_bytes
+        self.new_request_id = IdSource()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -63,7 +64,7 @@ class GuardMiddleware:
         peer = scope["client"][0] if scope.get("client") else ""
         exchange = Exchange(method=scope["method"], path=scope["path"], headers=headers,
                             client_ip=pipeline.identifier.client_ip(peer, headers),
-                            request_id=headers.get("x-request-id") or uuid.uuid4().hex)
+                            request_id=headers.get("x-request-id") or self.new_request_id())
         try:
             exchange.account = pipeline.identifier.account(peer, headers)
             if exchange.method in _BODY_METHODS and "json" in headers.get("content-type", ""):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import heapq
 import time
-import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from importlib import resources
@@ -20,6 +19,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from guardproxy.errors import StoreError
+from guardproxy.ids import IdSource
 
 GRACE = 3600.0  # how long an expired lease is remembered, so a late settle still charges
 
@@ -71,10 +71,6 @@ class BudgetStore(ABC):
         return None
 
 
-def new_lease_id() -> str:
-    return uuid.uuid4().hex
-
-
 class MemoryBudgetStore(BudgetStore):
     """One process's budgets. Every method runs without awaiting, so each is atomic
     on the event loop, as the Lua scripts are on Redis."""
@@ -86,6 +82,7 @@ class MemoryBudgetStore(BudgetStore):
         self.leases: dict[str, tuple[str, int, tuple[str, ...], float]] = {}
         self.deadlines: list[tuple[float, str]] = []         # heap; stale entries skipped
         self._ops = 0
+        self.new_lease_id = IdSource()
 
     def _key(self, subject: str, w: Window, index: int) -> str:
         return f"{subject}|{w.seconds}|{index}"
@@ -131,7 +128,7 @@ class MemoryBudgetStore(BudgetStore):
         for key, reset in zip(keys, resets, strict=True):
             self.windows.setdefault(key, [0, 0])[1] += amount
             self.expiry[key] = reset + GRACE
-        lease_id = new_lease_id()
+        lease_id = self.new_lease_id()
         self._hold(lease_id, ("r", amount, tuple(keys), now + ttl))
         return Reservation(True, amount, [r - amount for r in remaining], resets, lease_id)
 
@@ -169,6 +166,7 @@ class RedisBudgetStore(BudgetStore):
         self.prefix = prefix
         self._reserve = client.register_script(_script("budget_reserve.lua"))
         self._settle = client.register_script(_script("budget_settle.lua"))
+        self.new_lease_id = IdSource()
 
     def _tag(self, subject: str) -> str:
         # one hash tag per subject: all its keys live in one Redis Cluster slot
@@ -187,7 +185,7 @@ class RedisBudgetStore(BudgetStore):
             keys.append(self._window_key(subject, w, index))
             resets.append(reset)
             args += [w.limit, int(reset - now + GRACE)]
-        lease_id = new_lease_id()
+        lease_id = self.new_lease_id()
         try:
             result = await self._reserve(keys=keys, args=[amount, lease_id, now, ttl,
                                                           GRACE, *args])
