@@ -43,13 +43,13 @@ def simhash64(text: str) -> int:
     shingles = [" ".join(words[i:i + 3]) for i in range(max(1, len(words) - 2))] \
         if len(words) >= 3 else words
     digests = [hashlib.blake2b(s.encode(), digest_size=8).digest() for s in shingles]
-    result = 0
+    result, n = 0, len(digests)
     # zip(*digests): column k holds byte k of every digest; big-endian, so byte k holds
     # bits 8*(7-k) .. 8*(7-k)+7 of the hash
     for k, column in enumerate(zip(*digests, strict=True)):
         counts = sum(map(_SPREAD.__getitem__, column))
         for i in range(8):
-            if 2 * ((counts >> (_LANE * i)) & _LANE_MASK) > len(digests):  # majority set
+            if 2 * ((counts >> (_LANE * i)) & _LANE_MASK) > n:  # majority of hashes set it
                 result |= 1 << (8 * (7 - k) + i)
     return result
 

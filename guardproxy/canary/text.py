@@ -67,12 +67,13 @@ class Scanner:
         buf = self.pending + text if self.pending else text
         self.pending = ""
         units = []
+        end = len(buf)
         for match in _PIECES.finditer(buf):
             piece = match.group()
             if piece[0].isspace():
                 self._whitespace(piece)
                 units.append(Unit(piece))
-            elif match.end() == len(buf) and not final:
+            elif match.end() == end and not final:
                 self.pending = piece  # may continue in the next delta
             else:
                 units.append(self._chunk(piece))
