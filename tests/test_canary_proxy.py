@@ -213,3 +213,17 @@ def test_probe_scores_a_suspect_api(tmp_path: Path, fake: str) -> None:
     assert report["marked"] and report["accounts"][0]["account"] == "carol"
     assert clean.exit_code == 0 and not json.loads(clean.stdout)["marked"]
     assert down.exit_code == 1 and "http://127.0.0.1:9" in down.output
+
+
+def test_forensics_cli_names_what_the_policy_lacks(tmp_path: Path) -> None:
+    policy = write_policy(tmp_path, "rules: []\n")
+    text = tmp_path / "t.txt"
+    text.write_text("some text")
+    detect = CliRunner().invoke(main, ["canary", "detect", str(text), "--policy", str(policy)])
+    ledger = CliRunner().invoke(main, ["ledger", "match", str(text), "--policy", str(policy)])
+    missing = CliRunner().invoke(main, ["canary", "detect", str(tmp_path / "nope.txt"),
+                                        "--policy", str(policy)])
+    assert detect.exit_code == 1 and "has no canary rule" in detect.output
+    assert ledger.exit_code == 1 and "no canary rule keeps a ledger" in ledger.output
+    assert missing.exit_code == 2 and "nope.txt" in missing.output
+    assert "Traceback" not in detect.output + ledger.output + missing.output

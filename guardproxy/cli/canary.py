@@ -10,19 +10,14 @@ from typing import Any
 
 import click
 
-from guardproxy.cli.serve import _load_or_exit
+from guardproxy.cli.serve import _part_or_exit
 
 
 def _setup(policy_path: Path) -> tuple[Any, list[str]]:
     from guardproxy.canary.keys import CanaryKeys
     from guardproxy.canary.settings import canary_settings, known_accounts
 
-    policy = _load_or_exit(policy_path)
-    try:
-        settings = canary_settings(policy)
-    except ValueError as exc:
-        click.echo(str(exc), err=True)
-        sys.exit(1)
+    policy, settings = _part_or_exit(policy_path, canary_settings)
     return CanaryKeys(settings.secret, settings.rate), known_accounts(policy)
 
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
 import click
 
-from guardproxy.cli.serve import _load_or_exit
+from guardproxy.cli.serve import _part_or_exit
 
 
 @click.group()
@@ -32,12 +31,7 @@ def match_command(files: tuple[Path, ...], policy_path: Path, max_distance: int,
     from guardproxy.canary.ledger import MemoryLedger, match
     from guardproxy.canary.settings import ledger_from_policy
 
-    policy = _load_or_exit(policy_path)
-    try:
-        store = ledger_from_policy(policy)
-    except ValueError as exc:
-        click.echo(str(exc), err=True)
-        sys.exit(1)
+    _, store = _part_or_exit(policy_path, ledger_from_policy)
     if isinstance(store, MemoryLedger):
         click.echo(f"{policy_path}: a memory:// ledger lives inside the proxy process and is "
                    "empty here", err=True)

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 import click
 
 from guardproxy.errors import PolicyError
 from guardproxy.policy.load import load_policy
 from guardproxy.policy.model import Policy
+
+T = TypeVar("T")
 
 
 def _load_or_exit(path: Path) -> Policy:
@@ -20,6 +24,17 @@ def _load_or_exit(path: Path) -> Policy:
     except PolicyError as exc:
         for problem in exc.problems:
             click.echo(str(problem), err=True)
+        sys.exit(1)
+
+
+def _part_or_exit(path: Path, part: Callable[[Policy], T]) -> tuple[Policy, T]:
+    """The policy and one part of it (its canary settings, its ledger…), or exit with
+    the one-line reason the policy lacks that part."""
+    policy = _load_or_exit(path)
+    try:
+        return policy, part(policy)
+    except ValueError as exc:
+        click.echo(str(exc), err=True)
         sys.exit(1)
 
 
