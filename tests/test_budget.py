@@ -138,3 +138,39 @@ async def test_shadow_budget_never_denies_or_rewrites(tmp_path: Path) -> None:
                                  base_url="http://p") as c:
         r = await post(c, {"model": "m", "messages": [], "max_tokens": 5000})
     assert r.status_code == 200 and r.json()["seen"]["max_tokens"] == 5000
+
+
+async def test_policy_tokenizer_replaces_the_byte_estimator(tmp_path: Path) -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "x" * 1900}]}
+    plain = app_for(tmp_path)
+    (tmp_path / "tok").mkdir()
+    policy = write_policy(tmp_path / "tok", "tokenizer: tests.wordcount:count\n"
+                          + BUDGET.format(extra=""))
+    counted = GuardMiddleware(usage_app, policy)
+    statuses = []
+    for app in (plain, counted):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://proxy") as c:
+            r = await c.post("/v1/chat/completions", json=body,
+                             headers={"authorization": "Bearer key-alice"})
+            statuses.append(r.status_code)
+    # 1,900 bytes estimate to 950 tokens (+100 max_tokens > 1,000); one word is 1 token
+    assert statuses == [429, 200]
+
+
+def test_tokenizer_errors_name_file_line_and_field(tmp_path: Path) -> None:
+    from guardproxy.errors import PolicyError
+    from guardproxy.policy.load import load_policy
+
+    for spec, message in [("nosuchmodule:count", "cannot import"),
+                          ("tests.wordcount:nope", "has no function"),
+                          ("tests.wordcount:broken", "must return a token count"),
+                          ("justaname", "module:function")]:
+        policy = write_policy(tmp_path, f"tokenizer: {spec}\nrules: []\n")
+        try:
+            load_policy(policy, {})
+        except PolicyError as exc:
+            (problem,) = exc.problems
+            assert problem.line == 7 and "tokenizer" in str(problem) and message in str(problem)
+        else:
+            raise AssertionError(f"{spec} was accepted")

@@ -34,7 +34,7 @@ from guardproxy.policy.reader import Reader
 from guardproxy.response.events import Ending
 from guardproxy.response.usage import Usage
 from guardproxy.state.budgets import BudgetStore, Reservation, Window
-from guardproxy.tokens import estimate_prompt
+from guardproxy.tokens import estimate_prompt, estimate_text
 
 _COUNTS = {"total": (1.0, 1.0), "prompt": (1.0, 0.0), "completion": (0.0, 1.0)}
 _RESOURCE = {(1.0, 0.0): "input-tokens", (0.0, 1.0): "output-tokens"}
@@ -108,6 +108,7 @@ class BudgetGuard:
         self.settings: BudgetSettings = rule.settings
         self.store = runtime.state.budgets
         self.dialect = runtime.dialect
+        self.count = runtime.policy.tokenizer or estimate_text
         self.key = compile_per(rule.per, per_keys())
         self.when = None if rule.when.always else rule.when
         self.ttl = self.settings.lease_ttl or runtime.policy.upstream.timeout + 60.0
@@ -128,7 +129,7 @@ class BudgetGuard:
         s = self.settings
         prompt = exchange.notes.get("prompt_estimate")
         if prompt is None:
-            prompt = exchange.notes["prompt_estimate"] = estimate_prompt(body)
+            prompt = exchange.notes["prompt_estimate"] = estimate_prompt(body, self.count)
             exchange.notes["hide_usage_chunk"] = self.dialect.ensure_stream_usage(exchange)
         field = self.dialect.completion_field(exchange.path, body)
         cap = body.get(field) if field else 0

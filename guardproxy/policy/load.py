@@ -26,9 +26,10 @@ from guardproxy.policy.model import (
 from guardproxy.policy.reader import Reader
 from guardproxy.policy.source import LocDict, read_yaml
 from guardproxy.state import validate_uri
+from guardproxy.tokens import load_tokenizer
 
 TOP_KEYS = ("version", "upstream", "state", "key_prefix", "accounts", "clients", "admin",
-            "rules")
+            "tokenizer", "rules")
 COMMON_RULE_KEYS = ("name", "when", "mode", "per", "on_store_error")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -83,6 +84,7 @@ def _parse(source: Path, env: Mapping[str, str], problems: list[Problem]) -> Pol
     accounts, keys = _accounts(top, source, env)
     clients = _clients(top)
     rules = _rules(top)
+    tokenizer = top.parsed("tokenizer", load_tokenizer, None)
     admin = top.child("admin")
     admin_token = None
     if admin is not None:
@@ -92,7 +94,7 @@ def _parse(source: Path, env: Mapping[str, str], problems: list[Problem]) -> Pol
         return None
     return Policy(source=source, upstream=upstream, state=state, key_prefix=key_prefix,
                   accounts=accounts, clients=clients, rules=rules, admin_token=admin_token,
-                  keys=keys)
+                  keys=keys, tokenizer=tokenizer)
 
 
 def _state_uri(value: Any) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -72,3 +73,5 @@ class Policy:
     admin_token: str | None = None
     # sha256 hex of an API key -> account; loaded from accounts.keys
     keys: dict[str, Account] = field(default_factory=dict, compare=False, hash=False)
+    # text -> tokens, from the policy's ``tokenizer: module:function`` (None: estimator)
+    tokenizer: Callable[[str], int] | None = field(default=None, compare=False, hash=False)
