@@ -187,17 +187,21 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--parts", default="a,t,b,c,d,e,f",
                         help="which parts to run (t: verbatim with the tripwire on)")
+    parser.add_argument("--density", type=float, default=None,
+                        help="share of words that are lexicon sites (default: as measured "
+                             "on tests/data/prose.txt)")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     quick = args.quick
     known = accounts(10_000 if quick else 1_000_000)
-    density = site_density()
-    print(f"lexicon: {len(PAIRS)} pairs; site density on sample prose {density:.1%}; "
+    density = args.density if args.density is not None else site_density()
+    print(f"lexicon: {len(PAIRS)} pairs; site density {density:.1%}; "
           f"known accounts {len(known):,}")
     results: dict[str, object] = {"pairs": len(PAIRS), "site_density": density,
                                   "known_accounts": len(known)}
     index = AccountIndex(KEYS, known)
-    sizes = [250, 500, 750, 1000, 1500, 2000, 2500, 3000, 5000, 7500, 10000, 15000, 20000]
+    sizes = [250, 500, 750, 1000, 1500, 2000, 2500, 3000, 5000, 7500, 10000, 15000, 20000,
+             30000, 40000]
     trials = 3 if quick else 5
     if "a" in parts:
         results["a_verbatim"] = words_needed(index, density, 0.0, trials, sizes)

@@ -60,6 +60,8 @@ PAIRS: tuple[tuple[str, str], ...] = (
     ("verifies", "confirms"), ("verified", "confirmed"), ("verifying", "confirming"),
     ("reduces", "lowers"), ("reduced", "lowered"), ("reducing", "lowering"),
     ("begins", "commences"), ("helping", "assisting"),
+    # indefinite pronouns
+    ("everyone", "everybody"), ("someone", "somebody"), ("anyone", "anybody"),
     # plural nouns
     ("goals", "objectives"), ("drawbacks", "disadvantages"), ("options", "choices"),
     ("photos", "photographs"),
