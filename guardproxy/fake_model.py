@@ -140,16 +140,7 @@ async def _handle(request: Request, kind: str) -> Response:
     finish = "length" if truncated else "stop"
     created = int(time.time())
     if kind == "responses":
-        out = {"id": "resp_fake", "object": "response", "created_at": created, "model": model,
-               "status": "completed", "output": [{"type": "message", "id": "msg_fake",
-                                                  "role": "assistant", "status": "completed",
-                                                  "content": [{"type": "output_text",
-                                                               "text": " ".join(words),
-                                                               "annotations": []}]}]}
-        if usage_on:
-            out["usage"] = {"input_tokens": prompt, "output_tokens": len(words),
-                            "total_tokens": prompt + len(words)}
-        return JSONResponse(out, headers=saw)
+        return _responses(body, words, prompt, usage_on, delay, model, created, saw)
     chat = kind == "chat"
     base = {"id": "chatcmpl-fake" if chat else "cmpl-fake", "created": created, "model": model,
             "object": "chat.completion" if chat else "text_completion"}
@@ -180,6 +171,37 @@ async def _handle(request: Request, kind: str) -> Response:
         events.append(_data({**base, "choices": [], "usage": usage}))
     events.append("data: [DONE]\n\n")
     return _sse(events, delay, saw)
+
+
+def _responses(body: dict[str, Any], words: list[str], prompt: int, usage_on: bool,
+               delay: float, model: str, created: int, saw: dict[str, str]) -> Response:
+    """OpenAI's Responses API: one message item with one output_text part."""
+    text = " ".join(words)
+    part = {"type": "output_text", "text": text, "annotations": []}
+    item = {"type": "message", "id": "msg_fake", "role": "assistant", "status": "completed",
+            "content": [part]}
+    out: dict[str, Any] = {"id": "resp_fake", "object": "response", "created_at": created,
+                           "model": model, "status": "completed", "output": [item]}
+    if usage_on:
+        out["usage"] = {"input_tokens": prompt, "output_tokens": len(words),
+                        "total_tokens": prompt + len(words)}
+    if not body.get("stream"):
+        return JSONResponse(out, headers=saw)
+    where = {"item_id": "msg_fake", "output_index": 0, "content_index": 0}
+    steps: list[dict[str, Any]] = [
+        {"type": "response.created", "response": {**out, "status": "in_progress",
+                                                  "output": []}},
+        {"type": "response.output_item.added", "output_index": 0,
+         "item": {**item, "status": "in_progress", "content": []}},
+        {"type": "response.content_part.added", **where, "part": {**part, "text": ""}}]
+    steps += [{"type": "response.output_text.delta", **where,
+               "delta": word if i == 0 else " " + word} for i, word in enumerate(words)]
+    steps += [{"type": "response.output_text.done", **where, "text": text},
+              {"type": "response.content_part.done", **where, "part": part},
+              {"type": "response.output_item.done", "output_index": 0, "item": item},
+              {"type": "response.completed", "response": out}]
+    return _sse([_data({**step, "sequence_number": n}, step["type"])
+                 for n, step in enumerate(steps)], delay, saw)
 
 
 def _anthropic(body: dict[str, Any], words: list[str], truncated: bool, prompt: int,

@@ -227,3 +227,31 @@ def test_forensics_cli_names_what_the_policy_lacks(tmp_path: Path) -> None:
     assert ledger.exit_code == 1 and "no canary rule keeps a ledger" in ledger.output
     assert missing.exit_code == 2 and "nope.txt" in missing.output
     assert "Traceback" not in detect.output + ledger.output + missing.output
+
+
+def test_responses_api_is_marked_alike_in_json_stream_and_final_events(
+        tmp_path: Path, fake: str) -> None:
+    direct = openai.OpenAI(base_url=fake + "/v1", api_key="x", max_retries=0)
+    original = direct.responses.create(model="m", input="often usually", max_output_tokens=150)
+    with running_server(proxy_app(tmp_path, fake)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="key-alice", max_retries=0)
+        whole = client.responses.create(model="m", input="often usually",
+                                        max_output_tokens=150)
+        events = list(client.responses.create(model="m", input="often usually",
+                                              max_output_tokens=150, stream=True))
+        structured = httpx.post(url + "/v1/responses", timeout=10,
+                                headers={"authorization": "Bearer key-alice"},
+                                json={"model": "m", "input": "often", "max_output_tokens": 60,
+                                      "text": {"format": {"type": "json_object"}}}).json()
+    text = whole.output_text
+    assert text != original.output_text and canonical(text) == canonical(original.output_text)
+    streamed = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert streamed == text, "a stream and the same response unstreamed get the same marks"
+    finals = [e.text for e in events if e.type == "response.output_text.done"]
+    completed = [e.response.output_text for e in events if e.type == "response.completed"]
+    parts = [e.part.text for e in events if e.type == "response.content_part.done"]
+    assert finals == completed == parts == [text], "every copy of the text carries the marks"
+    assert whole.usage == original.usage
+    plain = httpx.post(fake + "/v1/responses", timeout=10,
+                       json={"model": "m", "input": "often", "max_output_tokens": 60}).json()
+    assert structured["output"] == plain["output"], "structured output is never marked"

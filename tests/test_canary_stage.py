@@ -105,3 +105,32 @@ def test_error_and_non_text_responses_pass_untouched() -> None:
     stage.start(429, [(b"content-type", b"application/json")])
     body = json.dumps({"error": {"message": "often big"}}).encode()
     assert stage.chunk(body, True) == body
+
+
+def responses_stream(pieces: list[str]) -> bytes:
+    where = {"item_id": "m", "output_index": 0, "content_index": 0}
+    text = "".join(pieces)
+    steps: list[dict[str, object]] = [
+        {"type": "response.created", "response": {"object": "response", "output": []}}]
+    steps += [{"type": "response.output_text.delta", **where, "delta": p} for p in pieces]
+    steps += [{"type": "response.output_text.done", **where, "text": text},
+              {"type": "response.completed", "response": {"object": "response", "output": [
+                  {"type": "message", "content": [{"type": "output_text", "text": text}]}]}}]
+    return b"".join(f"event: {s['type']}\ndata: {json.dumps({**s, 'sequence_number': n})}\n\n"
+                    .encode() for n, s in enumerate(steps))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=8),
+       st.lists(st.integers(0, 100_000), max_size=25))
+def test_responses_stream_marks_deltas_and_every_final_copy(sizes: list[int],
+                                                            cuts: list[int]) -> None:
+    out = run("openai", responses_stream(split(TEXT, sizes)), cuts)
+    events = events_of(out)
+    expected = Marker(KEYS, KEYS.code("alice")).mark(TEXT)
+    deltas = "".join(d["delta"] for n, d in events  # type: ignore[index]
+                     if n == "response.output_text.delta")
+    (done,) = [d["text"] for n, d in events if n == "response.output_text.done"]  # type: ignore[index]
+    (final,) = [d["response"]["output"][0]["content"][0]["text"]  # type: ignore[index]
+                for n, d in events if n == "response.completed"]
+    assert deltas == done == final == expected

@@ -1,10 +1,12 @@
 """The canary response stage: marks the text of a response as it passes.
 
-Only text is rewritten: OpenAI ``message.content`` / ``delta.content`` / ``text``, and
-Anthropic ``text`` blocks / ``text_delta``. Every other event and field is passed on
-byte-identical; an event whose text changed is re-encoded. A stream holds back at most
-one partial word per choice (or content block) and flushes it, in an event of its own,
-before the event that ends that choice or block. JSON bodies are rewritten whole.
+Only text is rewritten: OpenAI ``message.content`` / ``delta.content`` / ``text``, the
+Responses API's ``output_text`` parts and ``response.output_text.delta`` (see
+``responses_api``), and Anthropic ``text`` blocks / ``text_delta``. Every other event
+and field is passed on byte-identical; an event whose text changed is re-encoded. A
+stream holds back at most one partial word per choice (or content block, or part) and
+flushes it, in an event of its own, before the event that ends it. JSON bodies are
+rewritten whole.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from guardproxy.canary import responses_api as rapi
 from guardproxy.canary.marker import Marker
 from guardproxy.response.events import Ending
 from guardproxy.response.sse import SSEFramer, event_fields
@@ -112,6 +115,8 @@ class CanaryStage:
                     new = self._mark_whole(i, block["text"])
                     changed |= new != block["text"]
                     block["text"] = new
+        elif rapi.is_response_object(obj):
+            changed = rapi.rewrite_response(obj, self._mark_whole)
         elif isinstance(obj.get("choices"), list):
             for choice in obj["choices"]:
                 if not isinstance(choice, dict):
@@ -140,6 +145,8 @@ class CanaryStage:
             return block
         if self.anthropic:
             return self._anthropic_event(name, obj, block)
+        if str(obj.get("type", "")).startswith("response."):
+            return self._responses_event(name, obj, block)
         return self._openai_event(name, obj, block)
 
     def _anthropic_event(self, name: str, obj: dict[str, Any], block: bytes) -> bytes:
@@ -164,6 +171,36 @@ class CanaryStage:
                          "delta": {"type": "text_delta", "text": rest}}
                 return _block("content_block_delta", extra) + block
         return block
+
+    def _responses_event(self, name: str, obj: dict[str, Any], block: bytes) -> bytes:
+        key = rapi.part_key(obj.get("output_index"), obj.get("content_index"))
+        if obj.get("type") == rapi.DELTA:
+            text = obj.get("delta")
+            if not isinstance(text, str):
+                return block
+            new = self._emit(key, self._marker(key).feed(text))
+            if new == text:
+                return block
+            swapped = _swap(block, "delta", text, new)
+            if swapped is not None:
+                return swapped
+            obj["delta"] = new
+            return _block(name, obj)
+        before = b""
+        if obj.get("type") == rapi.TEXT_DONE and key in self.markers:
+            rest = self._emit(key, self.markers.pop(key).flush())
+            if rest:  # the held-back last word, as one more delta before the done event
+                carrier = {k: obj[k] for k in ("item_id", "output_index", "content_index",
+                                               "sequence_number") if k in obj}
+                before = _block(rapi.DELTA, {"type": rapi.DELTA, **carrier, "delta": rest})
+        if rapi.rewrite_final_event(obj, self._final_text):
+            return before + _block(name, obj)
+        return before + block
+
+    def _final_text(self, key: int, text: str) -> str:
+        """The marked text of a part whose deltas have all passed (else unchanged)."""
+        parts = self.texts.get(key)
+        return "".join(parts) if parts is not None and key not in self.markers else text
 
     def _openai_event(self, name: str, obj: dict[str, Any], block: bytes) -> bytes:
         choices = obj.get("choices")

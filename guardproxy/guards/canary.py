@@ -39,7 +39,8 @@ from guardproxy.policy.model import Rule
 from guardproxy.policy.reader import Reader
 
 log = logging.getLogger("guardproxy.canary")
-_PATHS = {"openai": ("/chat/completions", "/completions"), "anthropic": ("/messages",)}
+_PATHS = {"openai": ("/chat/completions", "/completions", "/responses"),
+          "anthropic": ("/messages",)}
 MARKS = ("lexical",)
 
 
@@ -111,6 +112,13 @@ def markable(exchange: Exchange, dialect: str) -> bool:
         return False
     fmt = body.get("response_format")
     if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
+        return False
+    text = body.get("text")  # the Responses API's structured output: text.format
+    fmt = text.get("format") if isinstance(text, dict) else None
+    if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
+        return False
+    include = body.get("include")
+    if isinstance(include, list) and any("logprobs" in str(i) for i in include):
         return False
     return not (body.get("logprobs") or body.get("top_logprobs"))
 
