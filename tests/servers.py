@@ -17,8 +17,10 @@ def running_server(app: ASGIApp, lifespan: str = "on") -> Iterator[str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = int(probe.getsockname()[1])
+    # as `guardproxy serve` does: guardproxy, not uvicorn, reads X-Forwarded-For
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan=lifespan))
+                                           log_level="warning", lifespan=lifespan,
+                                           proxy_headers=False))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

@@ -76,9 +76,11 @@ def serve(policy_path: Path, host: str, port: int, workers: int, log_level: str,
     click.echo(f"guardproxy on http://{host}:{port} -> {policy.upstream.url} "
                f"({policy.upstream.dialect}, {len(policy.rules)} rules, state {policy.state})",
                err=True)
+    # proxy_headers=False: uvicorn would otherwise take the client address from
+    # X-Forwarded-For whenever the peer is 127.0.0.1, behind clients.trusted_proxies' back
     uvicorn.run("guardproxy.app:app_from_env", factory=True, host=host, port=port,
                 workers=workers, log_level=log_level, access_log=access_log,
-                server_header=False, date_header=False)
+                server_header=False, date_header=False, proxy_headers=False)
 
 
 @click.command()
