@@ -174,3 +174,18 @@ def test_tokenizer_errors_name_file_line_and_field(tmp_path: Path) -> None:
             assert problem.line == 7 and "tokenizer" in str(problem) and message in str(problem)
         else:
             raise AssertionError(f"{spec} was accepted")
+
+
+async def test_n_and_best_of_reserve_every_completion(tmp_path: Path) -> None:
+    app = app_for(tmp_path)  # 1,000 tokens a day, max_tokens 100 by default
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://proxy") as c:
+        async def ask(**extra: object) -> httpx.Response:
+            return await c.post("/v1/chat/completions", json={
+                "model": "m", "messages": [], "max_tokens": 100, **extra},
+                headers={"authorization": "Bearer key-alice"})
+        twelve = await ask(n=12)          # 12 x 100 completion tokens cannot fit in 1,000
+        eight = await ask(n=8)            # 8 x 100 + the prompt estimate can
+        best_of = await ask(best_of=12, n=1)
+    assert (twelve.status_code, eight.status_code, best_of.status_code) == (429, 200, 429)
+    assert "up to 1208 tokens" in twelve.json()["error"]["message"]

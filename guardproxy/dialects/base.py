@@ -47,6 +47,11 @@ class Dialect(ABC):
     def completion_field(self, path: str, body: Mapping[str, Any]) -> str | None:
         """The body field capping generated tokens on a generation endpoint, else None."""
 
+    def completions_per_request(self, path: str, body: Mapping[str, Any]) -> int:
+        """How many completions of up to the cap one request may generate (OpenAI's
+        ``n`` and ``best_of``); each is billed, so each must be reserved."""
+        return 1
+
     def ensure_stream_usage(self, exchange: Exchange) -> bool:
         """Make a streamed request report usage; True if the proxy had to ask for it
         (and must then hide the extra usage event from the client)."""

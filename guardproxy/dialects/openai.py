@@ -82,6 +82,13 @@ class OpenAIDialect(Dialect):
                 return next((f for f in fields if isinstance(body.get(f), int)), fields[0])
         return None
 
+    def completions_per_request(self, path: str, body: Mapping[str, Any]) -> int:
+        if not path.endswith(("/chat/completions", "/completions")):
+            return 1
+        counts = [v for v in (body.get("n"), body.get("best_of"))
+                  if isinstance(v, int) and not isinstance(v, bool)]
+        return max([1, *counts])
+
     def ensure_stream_usage(self, exchange: Exchange) -> bool:
         body = exchange.json
         if not exchange.streaming or body is None \

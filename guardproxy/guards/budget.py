@@ -137,14 +137,17 @@ class BudgetGuard:
             cap = s.default_max_tokens
             if field and not self.rule.shadow:
                 exchange.set_json(field, cap)
+        copies = self.dialect.completions_per_request(exchange.path, body)  # n, best_of
         subject = self.subject(key)
-        result = await self.store.reserve(subject, s.windows, s.cost(prompt, cap), self.ttl)
+        result = await self.store.reserve(subject, s.windows, s.cost(prompt, cap * copies),
+                                          self.ttl)
         if not result.ok and s.on_exhausted == "clamp" and field and not self.rule.shadow \
                 and s.completion_weight > 0:
-            room = int((min(result.remaining) - s.prompt_weight * prompt) / s.completion_weight)
+            room = int((min(result.remaining) - s.prompt_weight * prompt)
+                       / (s.completion_weight * copies))
             if s.min_tokens <= room < cap:
-                result = await self.store.reserve(subject, s.windows, s.cost(prompt, room),
-                                                  self.ttl)
+                result = await self.store.reserve(subject, s.windows,
+                                                  s.cost(prompt, room * copies), self.ttl)
                 if result.ok:
                     exchange.set_json(field, room)
         return self._outcome(result, subject)
