@@ -189,3 +189,22 @@ async def test_n_and_best_of_reserve_every_completion(tmp_path: Path) -> None:
         best_of = await ask(best_of=12, n=1)
     assert (twelve.status_code, eight.status_code, best_of.status_code) == (429, 200, 429)
     assert "up to 1208 tokens" in twelve.json()["error"]["message"]
+
+
+async def test_budget_store_down_denies_or_allows_as_the_rule_says(tmp_path: Path) -> None:
+    statuses = {}
+    for mode in ("deny", "allow"):
+        folder = tmp_path / mode
+        folder.mkdir()
+        policy = write_policy(folder, BUDGET.format(extra=f"    on_store_error: {mode}"),
+                              state="redis://127.0.0.1:1/0")
+        app = GuardMiddleware(usage_app, policy)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://proxy") as c:
+            r = await c.post("/v1/chat/completions", json={"model": "m", "messages": []},
+                             headers={"authorization": "Bearer key-alice"})
+        statuses[mode] = r.status_code
+        if mode == "deny":
+            assert r.json()["error"]["type"] == "server_error"
+        await app.pipeline.aclose()
+    assert statuses == {"deny": 503, "allow": 200}
