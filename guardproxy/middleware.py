@@ -62,9 +62,10 @@ class GuardMiddleware:
         pipeline = self.pipeline  # one policy for the whole request, even across a reload
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         peer = scope["client"][0] if scope.get("client") else ""
+        given_id = headers.get("x-request-id", "")[:128]  # kept in the ledger: bounded
         exchange = Exchange(method=scope["method"], path=scope["path"], headers=headers,
                             client_ip=pipeline.identifier.client_ip(peer, headers),
-                            request_id=headers.get("x-request-id") or self.new_request_id())
+                            request_id=given_id or self.new_request_id())
         try:
             exchange.account = pipeline.identifier.account(peer, headers)
             if exchange.method in _BODY_METHODS and "json" in headers.get("content-type", ""):
