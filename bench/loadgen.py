@@ -25,7 +25,7 @@ from bench import payloads
 MARK = "BENCHJSON "
 
 
-@dataclass(frozen=True)
+@dataclass
 class LoadResult:
     tool: str
     requests: int

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -135,11 +135,8 @@ class Bench:
         with procs.Meter(pids) as meter:
             res = loadgen.run(cfg.tool, port, concurrency, cfg.duration, stream,
                               cfg.max_requests, aux, self.work)
-        row = report.Row(target=name, mode=mode, concurrency=concurrency, tool=res.tool,
-                         requests=res.requests, duration_s=res.duration_s, rps=res.rps,
-                         p50_ms=res.p50_ms, p90_ms=res.p90_ms, p99_ms=res.p99_ms,
-                         mean_ms=res.mean_ms, max_ms=res.max_ms, non2xx=res.non2xx,
-                         errors=res.errors, capped=res.requests >= cfg.max_requests)
+        row = report.Row(**asdict(res), target=name, mode=mode, concurrency=concurrency,
+                         capped=res.requests >= cfg.max_requests)
         wall = meter.wall or 1.0
         requests = max(res.requests, 1)
         row.upstream_cpu_pct = 100 * meter.cpu["upstream"] / wall

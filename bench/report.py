@@ -8,25 +8,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.loadgen import LoadResult
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 @dataclass
-class Row:
+class Row(LoadResult):
+    """One load run (the LoadResult fields) of one target in one cell, and what the
+    bench measured around it."""
+
     target: str
     mode: str  # "plain" or "stream"
     concurrency: int
-    tool: str
-    requests: int
-    duration_s: float
-    rps: float
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-    mean_ms: float
-    max_ms: float
-    non2xx: int
-    errors: int
     capped: bool  # the request cap was hit before the duration (rps is then understated)
     proxy_cpu_s: float | None = None  # CPU seconds of the proxy process over the cell
     proxy_cpu_ms_per_req: float | None = None
