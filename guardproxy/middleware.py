@@ -117,6 +117,7 @@ class GuardMiddleware:
         inner_receive = _replay(body, receive) if body is not None else receive
         rate_headers = pipeline.dialect.rate_headers(admission.rates.values(), time.time())
         stages = pipeline.response_stages(exchange, admission)
+        rewriting = list(stages)  # a stage that fails is dropped here, but still finished
         progress = {"started": False, "complete": False}
 
         async def send_out(message: Message) -> None:
@@ -129,11 +130,9 @@ class GuardMiddleware:
                 message = {**message, "headers": out + rate_headers}
             elif message["type"] == "http.response.body":
                 final = not message.get("more_body", False)
-                if stages:
-                    data = message.get("body", b"")
-                    for stage in stages:
-                        data = stage.chunk(data, final)
-                    message = {**message, "body": data}
+                if rewriting:
+                    message = {**message, "body": _through(rewriting, message.get("body", b""),
+                                                           final)}
                 progress["complete"] = final
             await send(message)
 
@@ -154,6 +153,19 @@ class GuardMiddleware:
                     await stage.finish(ending)
                 except Exception:  # a failing stage must not break the response
                     log.exception("response stage failed to finish")
+
+
+def _through(stages: list[Any], data: bytes, final: bool) -> bytes:
+    """Run a body chunk through the response stages. A stage that raises is a bug, and
+    must not cut the client's response off: it is logged and left out from then on."""
+    for stage in list(stages):
+        try:
+            data = stage.chunk(data, final)
+        except Exception:
+            log.exception("response stage %s failed; passing the rest of the response "
+                          "through without it", type(stage).__name__)
+            stages.remove(stage)
+    return bytes(data)
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

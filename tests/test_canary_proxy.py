@@ -255,3 +255,22 @@ def test_responses_api_is_marked_alike_in_json_stream_and_final_events(
     plain = httpx.post(fake + "/v1/responses", timeout=10,
                        json={"model": "m", "input": "often", "max_output_tokens": 60}).json()
     assert structured["output"] == plain["output"], "structured output is never marked"
+
+
+def test_a_failing_response_stage_does_not_cut_the_response(
+        tmp_path: Path, fake: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    from guardproxy.canary.stage import CanaryStage
+
+    def broken(self: CanaryStage, data: bytes, final: bool) -> bytes:
+        raise RuntimeError("a bug in a stage")
+
+    monkeypatch.setattr(CanaryStage, "chunk", broken)
+    body = {"model": "m", "max_tokens": 40, "messages": PROMPT}
+    direct = httpx.post(fake + "/v1/chat/completions", json=body, timeout=10).json()
+    with running_server(proxy_app(tmp_path, fake)) as url:
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=10,
+                       headers={"authorization": "Bearer key-alice"})
+    assert r.status_code == 200
+    assert r.json()["choices"] == direct["choices"], "passed through unmarked, not cut off"
+    assert "response stage CanaryStage failed" in caplog.text

@@ -134,3 +134,56 @@ def test_responses_stream_marks_deltas_and_every_final_copy(sizes: list[int],
     (final,) = [d["response"]["output"][0]["content"][0]["text"]  # type: ignore[index]
                 for n, d in events if n == "response.completed"]
     assert deltas == done == final == expected
+
+
+sse_noise = st.lists(st.one_of(
+    st.binary(max_size=60),
+    st.sampled_from([b"data: {", b"data: []\n\n", b"data: [DONE]\n\n", b"\n\n", b"\r\n",
+                     b'data: {"choices": [{"delta": {"content": 3}}]}\n\n',
+                     b'data: {"choices": "x"}\n\n', b'data: {"type": "response.output_text'
+                     b'.done", "text": null}\n\n', b'event: content_block_delta\ndata: '
+                     b'{"type": "content_block_delta", "delta": {"type": "text_delta", '
+                     b'"text": "often "}}\n\n', b"data: \xff\xfe\n\n"])), max_size=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(sse_noise, st.sampled_from(["openai", "anthropic"]))
+def test_stages_never_raise_on_malformed_upstream_streams(parts: list[bytes],
+                                                          dialect: str) -> None:
+    """Whatever bytes an upstream sends, the response stages pass something on and never
+    raise: a stage that threw would cut the client's response off."""
+    from guardproxy.dialects import get_dialect
+    from guardproxy.response.usage import UsageMeter
+
+    stage = CanaryStage(dialect, lambda: Marker(KEYS, KEYS.code("alice")))
+    meter = UsageMeter(get_dialect(dialect), [], 10, hide_usage_chunk=True)
+    headers = [(b"content-type", b"text/event-stream")]
+    stage.start(200, headers)
+    meter.start(200, headers)
+    for i, part in enumerate(parts):
+        final = i == len(parts) - 1
+        stage.chunk(meter.chunk(part, final), final)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.sampled_from(["choices", "content", "message", "text", "usage",
+                                       "output", "object", "type", "index", "delta"]),
+                      inner, max_size=5), max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values, st.sampled_from(["openai", "anthropic"]))
+def test_stages_pass_any_json_body_without_raising(value: object, dialect: str) -> None:
+    from guardproxy.dialects import get_dialect
+    from guardproxy.response.usage import UsageMeter
+
+    body = json.dumps(value).encode()
+    stage = CanaryStage(dialect, lambda: Marker(KEYS, KEYS.code("alice")))
+    meter = UsageMeter(get_dialect(dialect), [], 10, hide_usage_chunk=False)
+    headers = [(b"content-type", b"application/json")]
+    stage.start(200, headers)
+    meter.start(200, headers)
+    out = stage.chunk(meter.chunk(body, True), True)
+    assert json.loads(out) is not None or out == b"null"

@@ -107,6 +107,8 @@ class CanaryStage:
             obj = json.loads(raw)
         except ValueError:
             return raw
+        if not isinstance(obj, dict):  # not an answer this stage knows: pass it on
+            return raw
         changed = False
         if self.anthropic and isinstance(obj.get("content"), list):
             for i, block in enumerate(obj["content"]):
