@@ -142,3 +142,20 @@ async def test_non_json_bodies_pass_unparsed(tmp_path: Path) -> None:
         r = await c.post("/v1/audio", content=b"\x00raw{", headers={
             **bearer("key-alice"), "content-type": "application/octet-stream"})
     assert r.status_code == 200 and r.json()["body"] == "\x00raw{"
+
+
+async def test_headers_show_the_shortest_window_and_a_denial_its_own(tmp_path: Path) -> None:
+    app = GuardMiddleware(echo_app, write_policy(tmp_path, """
+rules:
+  - name: both
+    quota: 5/minute; 3/day
+"""))
+    async with client_for(app) as c:
+        answers = [await c.post("/v1/x", json={}, headers=bearer("key-alice"))
+                   for _ in range(4)]
+    assert [r.status_code for r in answers] == [200, 200, 200, 429]
+    assert [r.headers["x-ratelimit-remaining-requests"] for r in answers[:3]] == ["4", "3", "2"]
+    assert {r.headers["x-ratelimit-limit-requests"] for r in answers[:3]} == {"5"}
+    denied = answers[3]
+    assert denied.headers["x-ratelimit-limit-requests"] == "3", "the window that denied"
+    assert int(denied.headers["retry-after"]) > 60, "waits for the day window, not the minute"

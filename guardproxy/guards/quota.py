@@ -6,7 +6,10 @@
       per: account
       strategy: sliding-window     # fixed-window | moving-window | sliding-window
 
-Every window of the rule is hit; the first one that is full denies the request.
+Every window of the rule is hit; the first one that is full denies the request. The
+rate-limit headers describe the rule's shortest window, as OpenAI's and Anthropic's
+requests-per-minute headers do: reading a window's statistics is a second store call
+(a Redis round trip), so the longer windows are read only when they deny.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ class QuotaGuard:
         self.rule = rule
         settings: QuotaSettings = rule.settings
         self.rates = settings.rates
+        self.reported = min(self.rates, key=lambda item: item.get_expiry())
         self.limiter = STRATEGIES[settings.strategy](runtime.state.limits)
         self.key = compile_per(rule.per, per_keys())
         self.when = None if rule.when.always else rule.when
@@ -79,8 +83,8 @@ class QuotaGuard:
         tightest: RateHeaders | None = None
         for item in self.rates:
             allowed = await self.limiter.hit(item, name, key)
-            if allowed and self.rule.shadow:
-                continue  # shadow rules report no headers: skip the second store call
+            if allowed and (self.rule.shadow or item is not self.reported):
+                continue  # no header to fill: skip the second store call
             stats = await self.limiter.get_window_stats(item, name, key)
             rate = RateHeaders("requests", item.amount, stats.remaining, stats.reset_time)
             if not allowed:
