@@ -24,7 +24,7 @@ from guardproxy.flow import Admission, Pipeline
 from guardproxy.ids import IdSource
 from guardproxy.policy.load import load_policy
 from guardproxy.policy.model import Policy
-from guardproxy.response.events import Ending
+from guardproxy.response.events import Ending, ResponseStage
 from guardproxy.state import State
 from guardproxy.upstream.headers import HOP_BY_HOP
 
@@ -155,7 +155,7 @@ class GuardMiddleware:
                     log.exception("response stage failed to finish")
 
 
-def _through(stages: list[Any], data: bytes, final: bool) -> bytes:
+def _through(stages: list[ResponseStage], data: bytes, final: bool) -> bytes:
     """Run a body chunk through the response stages. A stage that raises is a bug, and
     must not cut the client's response off: it is logged and left out from then on."""
     for stage in list(stages):
@@ -165,7 +165,7 @@ def _through(stages: list[Any], data: bytes, final: bool) -> bytes:
             log.exception("response stage %s failed; passing the rest of the response "
                           "through without it", type(stage).__name__)
             stages.remove(stage)
-    return bytes(data)
+    return data
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

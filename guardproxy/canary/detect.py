@@ -199,13 +199,12 @@ def detect(keys: CanaryKeys, texts: list[str], accounts: Iterable[str] | Account
     known, count = index.by_tag, index.count
     docs = observe(texts)
     whole = Observed(words=sum(d.words for d in docs),
-                     sites=[s for d in docs for s in d.sites],
-                     wire=[w for d in docs for w in d.wire])
+                     sites=[s for d in docs for s in d.sites])
     g = global_score(keys, whole.sites)
-    bits = account_bits(keys, whole)
+    per_doc = [account_bits(keys, doc) for doc in docs]
+    bits = [b for doc_bits in per_doc for b in doc_bits]
     tags = set(candidate_tags(bits, known))
-    for doc in docs:
-        doc_bits = account_bits(keys, doc)
+    for doc_bits in per_doc:
         if len(doc_bits) >= MIN_DOC_SITES:
             tags.update(candidate_tags(doc_bits, known, DOC_FLIPS))
     majority = position_votes(bits)

@@ -56,8 +56,7 @@ class CanaryKeys:
 
     def tag(self, account: str) -> int:
         """The codeword's first 32 bits, by which detection looks accounts up."""
-        digest = hmac.digest(self.tag_key, account.encode(), "sha256")
-        return int.from_bytes(digest[:4], "big")
+        return self.code(account) & ((1 << TAG_BITS) - 1)
 
     def site(self, context: bytes) -> Site:
         d = hmac.digest(self.site_key, context, "sha256")

@@ -151,6 +151,20 @@ class CanaryStage:
             return self._responses_event(name, obj, block)
         return self._openai_event(name, obj, block)
 
+    def _mark_delta(self, name: str, obj: dict[str, Any], block: bytes, index: int,
+                    holder: dict[str, Any], key: str) -> bytes:
+        """Mark the text at ``holder[key]`` (part of ``obj``), the one text of this event:
+        swap it inside the raw bytes, or re-encode the event when that is ambiguous."""
+        text = holder[key]
+        new = self._emit(index, self._marker(index).feed(text))
+        if new == text:
+            return block
+        swapped = _swap(block, key, text, new)
+        if swapped is not None:
+            return swapped
+        holder[key] = new
+        return _block(name, obj)
+
     def _anthropic_event(self, name: str, obj: dict[str, Any], block: bytes) -> bytes:
         kind = obj.get("type")
         index = obj.get("index", 0)
@@ -158,14 +172,7 @@ class CanaryStage:
             delta = obj.get("delta")
             if isinstance(delta, dict) and delta.get("type") == "text_delta" \
                     and isinstance(delta.get("text"), str):
-                new = self._emit(index, self._marker(index).feed(delta["text"]))
-                if new == delta["text"]:
-                    return block
-                swapped = _swap(block, "text", delta["text"], new)
-                if swapped is not None:
-                    return swapped
-                delta["text"] = new
-                return _block(name, obj)
+                return self._mark_delta(name, obj, block, index, delta, "text")
         elif kind == "content_block_stop" and index in self.markers:
             rest = self._emit(index, self.markers.pop(index).flush())
             if rest:
@@ -177,17 +184,9 @@ class CanaryStage:
     def _responses_event(self, name: str, obj: dict[str, Any], block: bytes) -> bytes:
         key = rapi.part_key(obj.get("output_index"), obj.get("content_index"))
         if obj.get("type") == rapi.DELTA:
-            text = obj.get("delta")
-            if not isinstance(text, str):
+            if not isinstance(obj.get("delta"), str):
                 return block
-            new = self._emit(key, self._marker(key).feed(text))
-            if new == text:
-                return block
-            swapped = _swap(block, "delta", text, new)
-            if swapped is not None:
-                return swapped
-            obj["delta"] = new
-            return _block(name, obj)
+            return self._mark_delta(name, obj, block, key, obj, "delta")
         before = b""
         if obj.get("type") == rapi.TEXT_DONE and key in self.markers:
             rest = self._emit(key, self.markers.pop(key).flush())

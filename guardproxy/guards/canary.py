@@ -110,13 +110,11 @@ def markable(exchange: Exchange, dialect: str) -> bool:
     body = exchange.json
     if body is None or not exchange.path.endswith(_PATHS.get(dialect, ())):
         return False
-    fmt = body.get("response_format")
-    if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
-        return False
-    text = body.get("text")  # the Responses API's structured output: text.format
-    fmt = text.get("format") if isinstance(text, dict) else None
-    if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
-        return False
+    text = body.get("text")  # the Responses API puts structured output in text.format
+    for fmt in (body.get("response_format"), text.get("format") if isinstance(text, dict)
+                else None):
+        if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
+            return False
     include = body.get("include")
     if isinstance(include, list) and any("logprobs" in str(i) for i in include):
         return False

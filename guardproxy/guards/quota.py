@@ -80,7 +80,7 @@ class QuotaGuard:
 
     async def _hit(self, key: str) -> Outcome:
         name = self.rule.name
-        tightest: RateHeaders | None = None
+        reported: tuple[RateHeaders, ...] = ()
         for item in self.rates:
             allowed = await self.limiter.hit(item, name, key)
             if allowed and (self.rule.shadow or item is not self.reported):
@@ -97,10 +97,8 @@ class QuotaGuard:
                     message=f"Rate limit exceeded: {item.amount} requests per "
                             f"{item.get_expiry()}s (rule '{name}'). Retry later.",
                 )
-            if tightest is None or rate.remaining < tightest.remaining:
-                tightest = rate
-        return Outcome(allowed=True, rule=name, shadow=self.rule.shadow,
-                       rate=(tightest,) if tightest else ())
+            reported = (rate,)
+        return Outcome(allowed=True, rule=name, shadow=self.rule.shadow, rate=reported)
 
 
 def build(rule: Rule, runtime: Runtime) -> QuotaGuard:
