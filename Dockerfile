@@ -1,4 +1,13 @@
-# guardproxy as a sidecar: one YAML policy mounted at /etc/guardproxy.
+# guardproxy as a sidecar: the policy directory is mounted at /etc/guardproxy.
+#
+# The image holds no policy and no accounts file: a baked-in accounts file would carry
+# whatever keys were in the build context (the README's demo keys are public). Mount
+# your own directory with default.yaml and the accounts file it names:
+#   docker run -p 8080:8080 -v /srv/guardproxy:/etc/guardproxy guardproxy
+# or point GUARDPROXY_POLICY (or --policy) at another file. To try the built-in demo
+# policy and fake model instead (it ships inside the package; demo keys reach only the
+# fake model):
+#   docker run -p 8080:8080 -e GUARDPROXY_POLICY= guardproxy --demo
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -9,7 +18,6 @@ FROM python:3.11-slim
 RUN useradd --system --uid 10001 --no-create-home guardproxy
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
-COPY policies /etc/guardproxy
 USER guardproxy
 ENV GUARDPROXY_POLICY=/etc/guardproxy/default.yaml \
     PYTHONUNBUFFERED=1

@@ -26,6 +26,7 @@ from guardproxy.exchange import Exchange
 from guardproxy.flow import Pipeline
 from guardproxy.guards.budget import BudgetGuard
 from guardproxy.guards.canary import CanaryGuard
+from guardproxy.middleware import GuardMiddleware
 
 MAX_TEXT_BYTES = 4 << 20
 
@@ -36,6 +37,7 @@ async def usage_report(pipeline: Pipeline, account_id: str) -> dict[str, Any] | 
     if account is None:
         return None
     probe = Exchange(method="POST", path="", headers={}, client_ip="", account=account)
+    per_account = {"account", "org", "tier"}
     budgets = []
     for guard in pipeline.guards:
         if not isinstance(guard, BudgetGuard):
@@ -43,7 +45,7 @@ async def usage_report(pipeline: Pipeline, account_id: str) -> dict[str, Any] | 
         key = guard.key(probe)
         entry: dict[str, Any] = {"rule": guard.rule.name, "per": list(guard.rule.per),
                                  "mode": guard.rule.mode}
-        if key is None:
+        if not set(guard.rule.per) <= per_account:
             entry["note"] = "counted per request attribute, not per account"
         else:
             entry["key"] = key
@@ -61,10 +63,15 @@ async def usage_report(pipeline: Pipeline, account_id: str) -> dict[str, Any] | 
 
 
 class AdminApp:
-    def __init__(self, pipeline: Pipeline, token: str) -> None:
-        self.pipeline = pipeline
+    def __init__(self, guarded: GuardMiddleware, token: str) -> None:
+        self.guarded = guarded
         self.token = token.encode()
         self._accounts: AccountIndex | None = None  # built on first use: 10^6 HMACs
+
+    @property
+    def pipeline(self) -> Pipeline:
+        """The policy in force now (a reload swaps it)."""
+        return self.guarded.pipeline
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = dict(scope["headers"])

@@ -26,7 +26,7 @@ class ProxyApp:
         self.policy = policy
         self.upstream = UpstreamApp(policy.upstream)
         self.guarded = GuardMiddleware(self.upstream, policy)
-        self.admin: ASGIApp | None = (AdminApp(self.guarded.pipeline, policy.admin_token)
+        self.admin: ASGIApp | None = (AdminApp(self.guarded, policy.admin_token)
                                       if policy.admin_token else None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -43,7 +43,12 @@ class ProxyApp:
 
 
 def create_app(policy: str | Path | Policy) -> ProxyApp:
-    return ProxyApp(policy if isinstance(policy, Policy) else load_policy(policy))
+    """The standalone proxy. Raises ``ValueError`` when the policy names no upstream URL
+    (``upstream.url`` is optional only when embedding)."""
+    loaded = policy if isinstance(policy, Policy) else load_policy(policy)
+    if not loaded.upstream.url:
+        raise ValueError(f"{loaded.source}: upstream.url is required to serve a proxy")
+    return ProxyApp(loaded)
 
 
 def app_from_env() -> ProxyApp:

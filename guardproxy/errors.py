@@ -8,8 +8,15 @@ boundary where they occur, so callers only ever catch ``GuardProxyError``.
     ├── RequestError           the client's request is malformed            → 400 / 413
     ├── AuthenticationError    missing or unknown API key                   → 401
     ├── StoreError             the state store (Redis) failed               → 503
-    └── UpstreamError          the model API could not be reached           → 502
-        └── UpstreamTimeout    it did not answer in time                     → 504
+    └── UpstreamError          the model API failed before the response started → 502
+        ├── UpstreamTimeout    it did not answer in time                     → 504
+        └── UpstreamInterrupted  it failed after the response had started     (nothing
+                               can be sent any more: the ending is "truncated")
+
+``UpstreamApp`` (guardproxy.upstream) raises ``UpstreamError`` or ``UpstreamTimeout`` only
+before it sent ``http.response.start``, ``UpstreamInterrupted`` only after, and
+``RequestError`` (400) for a request target it refuses to forward. Their messages are
+generic ("upstream unreachable"): they never name the upstream's address or credentials.
 
 Each HTTP-facing error has ``status`` and ``kind`` (a dialect-neutral error kind the
 dialects map to their own error JSON).
@@ -75,3 +82,8 @@ class UpstreamError(GuardProxyError):
 class UpstreamTimeout(UpstreamError):
     status = 504
     kind = "timeout"
+
+
+class UpstreamInterrupted(UpstreamError):
+    """The upstream broke off (reset, closed, timed out, sent garbage) after the response
+    to the client had started: the client's response is truncated, no error can be sent."""

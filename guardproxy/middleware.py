@@ -4,8 +4,12 @@
     app = GuardMiddleware(inner_app, policy="policies/default.yaml")
 
 The standalone proxy is this middleware around ``UpstreamApp``; embedded, "forwarding
-upstream" means calling the developer's own app. The request's account is put in
-``scope["state"]["guardproxy"]`` for the inner app; the client's key is removed.
+upstream" means calling the developer's own app. The request path is normalised once
+and the normalised path is what the guards match and what the inner app receives. On
+generation endpoints the body is always read and parsed (whatever its content type),
+so guards and upstream read one request. The inner app gets a ``RequestInfo`` in
+``scope["state"]["guardproxy"]``, never the client's key. Paths in the policy's
+``unguarded:`` list pass straight through; WebSockets are refused unless unguarded.
 """
 
 from __future__ import annotations
@@ -18,33 +22,55 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from guardproxy.errors import GuardProxyError, RequestError, UpstreamError
+from guardproxy.errors import GuardProxyError, RequestError
 from guardproxy.exchange import Exchange
-from guardproxy.flow import Admission, Pipeline
+from guardproxy.flow import Admission, LeaseKeeper, Pipeline
+from guardproxy.identity.client_ip import forwarded_for
 from guardproxy.ids import IdSource
+from guardproxy.observe import Observer
 from guardproxy.policy.load import load_policy
+from guardproxy.policy.match import Pattern
 from guardproxy.policy.model import Policy
-from guardproxy.response.events import Ending, ResponseStage
-from guardproxy.state import State
+from guardproxy.request.body import parse_json
+from guardproxy.request.path import normalize_path
+from guardproxy.response.events import Ending
+from guardproxy.state import State, open_state
+from guardproxy.upstream.framing import http10_send
 from guardproxy.upstream.headers import HOP_BY_HOP
 
 log = logging.getLogger("guardproxy")
-_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-_CREDENTIALS = frozenset({b"authorization", b"x-api-key", b"api-key", b"x-goog-api-key"})
+_NO_BODY = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE"})
+_CREDENTIALS = frozenset({b"authorization", b"x-api-key", b"api-key", b"x-goog-api-key",
+                          b"proxy-authorization"})
+_REPLACED = _CREDENTIALS | {b"content-length", b"x-request-id"}
 
 
 class GuardMiddleware:
-    def __init__(self, app: ASGIApp, policy: str | Path | Policy,
-                 *, state: State | None = None) -> None:
+    def __init__(self, app: ASGIApp, policy: str | Path | Policy, *,
+                 state: State | None = None, observer: Observer | None = None) -> None:
         self.app = app
-        self.pipeline = Pipeline(policy if isinstance(policy, Policy) else load_policy(policy),
-                                 state)
-        self.max_body = self.pipeline.policy.clients.max_body_bytes
+        loaded = policy if isinstance(policy, Policy) else load_policy(policy)
+        self.owns_state = state is None
+        self.state = state or open_state(loaded.state, loaded.key_prefix)
+        self.observer = observer
         self.new_request_id = IdSource()
+        self.pipeline = Pipeline(loaded, self.state, observer)
+        self.unguarded = Pattern.compile(loaded.unguarded, glob=True)
+
+    def swap(self, policy: Policy) -> None:
+        """Build the pipeline of a new policy aside, on the same state (counters and
+        budgets carry over), and swap it in whole. Requests in flight finish on the
+        policy they started with. Raises ``ValueError`` when the state URI changed."""
+        if (policy.state, policy.key_prefix) != (self.state.uri, self.state.key_prefix):
+            raise ValueError("a reload cannot change 'state' or 'key_prefix': restart")
+        pipeline = Pipeline(policy, self.state, self.observer)
+        self.pipeline, self.unguarded = pipeline, Pattern.compile(policy.unguarded, glob=True)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            await self._http(scope, receive, send)
+            await self._http(scope, receive, http10_send(scope, send))
+        elif scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
         elif scope["type"] == "lifespan":
             await self.app(scope, receive, self._lifespan_send(send))
         else:
@@ -52,120 +78,213 @@ class GuardMiddleware:
 
     def _lifespan_send(self, send: Send) -> Send:
         async def wrapped(message: Message) -> None:
-            if message["type"] == "lifespan.shutdown.complete":
-                await self.pipeline.aclose()
+            if message["type"] == "lifespan.shutdown.complete" and self.owns_state:
+                await self.state.aclose()
             await send(message)
 
         return wrapped
 
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Guards see HTTP only, so a WebSocket would be a way around them: refused
+        (403 at the handshake) unless its path is unguarded."""
+        try:
+            path, raw_path = normalize_path(_target(scope))
+        except RequestError:
+            path, raw_path = "", b""
+        if path and self.unguarded(path):
+            await self.app({**scope, "path": path, "raw_path": raw_path}, receive, send)
+            return
+        message = await receive()
+        if message["type"] == "websocket.connect":
+            await send({"type": "websocket.close", "code": 1008})
+
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         pipeline = self.pipeline  # one policy for the whole request, even across a reload
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        headers: dict[str, str] = {}
+        for k, v in scope["headers"]:
+            name, value = k.decode("latin-1").lower(), v.decode("latin-1")
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
         peer = scope["client"][0] if scope.get("client") else ""
         given_id = headers.get("x-request-id", "")[:128]  # kept in the ledger: bounded
-        exchange = Exchange(method=scope["method"], path=scope["path"], headers=headers,
-                            client_ip=pipeline.identifier.client_ip(peer, headers),
+        exchange = Exchange(method=scope["method"], path="", headers=headers,
+                            client_ip=pipeline.identifier.client_ip(
+                                peer, forwarded_for(scope["headers"])),
                             request_id=given_id or self.new_request_id())
         try:
+            exchange.path, raw_path = normalize_path(_target(scope))
+            if self.unguarded(exchange.path):
+                await self.app({**scope, "path": exchange.path, "raw_path": raw_path},
+                               receive, send)
+                return
             exchange.account = pipeline.identifier.account(peer, headers)
-            if exchange.method in _BODY_METHODS and "json" in headers.get("content-type", ""):
-                await self._read_json(exchange, receive)
+            await pipeline.enrich(exchange)
+            await self._read_request(pipeline, exchange, receive)
             admission = await pipeline.admit(exchange)
         except GuardProxyError as exc:
             await _error(send, pipeline, exc.status, exc.kind, "", exc.message, exchange)
             return
+        except RecursionError:  # JSON nested deeper than the guards can walk
+            await _error(send, pipeline, 400, "invalid_request", "",
+                         "Request body is nested too deeply.", exchange)
+            return
         if admission.denial is not None:
             d = admission.denial
-            await _error(send, pipeline, 429, d.kind, d.code, d.message, exchange,
+            await _error(send, pipeline, d.status, d.kind, d.code, d.message, exchange,
                          d.retry_after, admission)
             return
-        await self._forward(scope, receive, send, exchange, admission)
+        scope = {**scope, "path": exchange.path, "raw_path": raw_path}
+        await self._forward(pipeline, scope, receive, send, exchange, admission)
 
-    async def _read_json(self, exchange: Exchange, receive: Receive) -> None:
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise RequestError("client disconnected while sending the request")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:
-                raise RequestError(f"Request body exceeds {self.max_body} bytes.", status=413)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        exchange.body = b"".join(chunks)
-        try:
-            parsed = json.loads(exchange.body) if exchange.body else None
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise RequestError(f"Request body is not valid JSON: {exc}") from None
-        if isinstance(parsed, dict):
-            exchange.json = parsed
+    async def _read_request(self, pipeline: Pipeline, exchange: Exchange,
+                            receive: Receive) -> None:
+        """Read the body the guards need. On a generation endpoint it is always read and
+        parsed, whatever the method or content type says (a lenient upstream parses it
+        anyway). Elsewhere a body labelled JSON, or not labelled at all, is read too,
+        and parsed when it is JSON. Then the dialect makes the request plan."""
+        headers = exchange.headers
+        generation = pipeline.dialect.endpoint(exchange.path) is not None
+        ctype = headers.get("content-type", "").lower()
+        labelled_json = "json" in ctype
+        if not (generation or labelled_json or not ctype or ctype.startswith("text/plain")):
+            return  # multipart uploads, audio…: streamed through unread
+        if exchange.method in _NO_BODY and "content-length" not in headers \
+                and "transfer-encoding" not in headers:
+            return
+        if headers.get("content-encoding", "identity").strip().lower() != "identity":
+            raise RequestError("Compressed request bodies are not accepted.", status=415)
+        exchange.body = await _read_body(receive, pipeline.policy.clients.max_body_bytes)
+        if not exchange.body and (exchange.method in _NO_BODY or not generation):
+            return
+        if generation or labelled_json:
+            parsed = parse_json(exchange.body)
+        else:
+            try:
+                parsed = parse_json(exchange.body)
+            except RequestError:
+                if not _lenient_json(exchange.body):
+                    return  # no JSON parser reads it: the upstream cannot read it as JSON
+                raise  # Python's json reads it (FastAPI, vLLM), otherwise than we would
+        if not isinstance(parsed, dict):
+            if generation:
+                raise RequestError("Request body must be a JSON object.")
+            return
+        exchange.json = parsed
+        exchange.plan = pipeline.dialect.plan(exchange.path, parsed, pipeline.policy.upstream)
 
-    async def _forward(self, scope: Scope, receive: Receive, send: Send,
+    async def _forward(self, pipeline: Pipeline, scope: Scope, receive: Receive, send: Send,
                        exchange: Exchange, admission: Admission) -> None:
-        pipeline = self.pipeline
         body = exchange.forwarded_body() if exchange.body is not None else None
-        inner_scope = dict(scope)
-        inner_scope["headers"] = [(k, v) for k, v in scope["headers"]
-                                  if k not in _CREDENTIALS
-                                  and not (body is not None and k == b"content-length")]
+        request_id = exchange.request_id.encode("latin-1", "replace")
+        parsed = exchange.json is not None
+        drop = _REPLACED - ({b"content-length"} if body is None else set())
+        if parsed:
+            drop = drop | {b"content-type"}
+        inner_headers = [(k, v) for k, v in scope["headers"] if k.lower() not in drop]
         if body is not None:
-            inner_scope["headers"].append((b"content-length", str(len(body)).encode()))
-        inner_scope["state"] = {**scope.get("state", {}), "guardproxy": exchange}
+            inner_headers.append((b"content-length", str(len(body)).encode()))
+        if parsed:  # read as JSON here, so labelled JSON there: one reading on both sides
+            inner_headers.append((b"content-type", b"application/json"))
+        inner_headers.append((b"x-request-id", request_id))
+        inner_scope = {**scope, "headers": inner_headers,
+                       "state": {**scope.get("state", {}), "guardproxy": exchange.info()}}
         inner_receive = _replay(body, receive) if body is not None else receive
-        rate_headers = pipeline.dialect.rate_headers(admission.rates.values(), time.time())
-        stages = pipeline.response_stages(exchange, admission)
-        rewriting = list(stages)  # a stage that fails is dropped here, but still finished
-        progress = {"started": False, "complete": False}
+        dialect = pipeline.dialect
+        rates = dialect.rate_headers(admission.rates.values(), time.time())
+        driver = pipeline.response(exchange, admission)
+        client_gone: list[bool] = []
 
         async def send_out(message: Message) -> None:
             if message["type"] == "http.response.start":
-                progress["started"] = True
-                out = [(k, v) for k, v in message.get("headers", []) if k not in HOP_BY_HOP
-                       and not (stages and k == b"content-length")]  # stages may resize
-                for stage in stages:
-                    stage.start(message["status"], out)
-                message = {**message, "headers": out + rate_headers}
+                upstream = [(k, v) for k, v in message.get("headers", [])
+                            if k.lower() not in HOP_BY_HOP and k.lower() != b"x-request-id"]
+                driver.start(message["status"], upstream)
+                if driver.resizes:
+                    upstream = [(k, v) for k, v in upstream if k.lower() != b"content-length"]
+                out = dialect.merge_rate_headers(upstream, rates)
+                out.append((b"x-request-id", request_id))
+                message = {**message, "headers": out}
+                driver.started = True
             elif message["type"] == "http.response.body":
                 final = not message.get("more_body", False)
-                if rewriting:
-                    message = {**message, "body": _through(rewriting, message.get("body", b""),
-                                                           final)}
-                progress["complete"] = final
-            await send(message)
+                message = {**message, "body": driver.body(message.get("body", b""), final)}
+            try:
+                await send(message)
+            except OSError:  # ASGI 2.4 servers raise it once the client is gone
+                client_gone.append(True)
+                raise
 
-        ending = Ending.DISCONNECTED
+        keeper = LeaseKeeper(admission.leases, min((lease.ttl for lease in admission.leases),
+                                                   default=60.0) / 3)
+        ending = Ending.CANCELLED
         try:
             await self.app(inner_scope, inner_receive, send_out)
-            if progress["complete"]:
-                ending = Ending.COMPLETED
-        except UpstreamError as exc:
-            ending = Ending.UPSTREAM_FAILED
-            log.warning("upstream error for %s %s: %s", exchange.method, exchange.path, exc)
-            if not progress["started"]:
-                await _error(send, pipeline, exc.status, exc.kind, "", exc.message, exchange,
-                             0.0, admission)
+            ending = Ending.COMPLETED if driver.completed else (
+                Ending.DISCONNECTED if driver.started else Ending.CANCELLED)
+        except Exception as exc:
+            ending = await _failed(exc, send, pipeline, exchange, admission, driver.started,
+                                   client_gone)
         finally:
-            for stage in stages:
-                try:
-                    await stage.finish(ending)
-                except Exception:  # a failing stage must not break the response
-                    log.exception("response stage failed to finish")
+            keeper.stop()
+            await driver.finish(ending)
 
 
-def _through(stages: list[ResponseStage], data: bytes, final: bool) -> bytes:
-    """Run a body chunk through the response stages. A stage that raises is a bug, and
-    must not cut the client's response off: it is logged and left out from then on."""
-    for stage in list(stages):
-        try:
-            data = stage.chunk(data, final)
-        except Exception:
-            log.exception("response stage %s failed; passing the rest of the response "
-                          "through without it", type(stage).__name__)
-            stages.remove(stage)
-    return data
+async def _failed(exc: Exception, send: Send, pipeline: Pipeline, exchange: Exchange,
+                  admission: Admission, started: bool, client_gone: list[bool]) -> Ending:
+    """Classify how a forwarded exchange broke, and end the client's response cleanly:
+    never a bare 500, never a traceback, never an upstream address."""
+    if client_gone:  # the server's send raised: the client went away
+        return Ending.DISCONNECTED if started else Ending.CANCELLED
+    if isinstance(exc, GuardProxyError):  # UpstreamError, ResponseAborted, RequestError…
+        log.warning("%s %s (%s) failed: %s", exchange.method, exchange.path,
+                    exchange.request_id, exc)
+        status, kind, message = exc.status, exc.kind, exc.message
+    else:  # a bug in the app behind us: logged in full, told to the client in general
+        log.exception("%s %s (%s): the app behind guardproxy failed", exchange.method,
+                      exchange.path, exchange.request_id)
+        status, kind, message = 502, "upstream", "The upstream failed."
+    try:
+        if started:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return Ending.TRUNCATED
+        await _error(send, pipeline, status, kind, "", message, exchange, 0.0, admission)
+    except OSError:
+        return Ending.DISCONNECTED if started else Ending.CANCELLED
+    return Ending.UPSTREAM_FAILED
+
+
+def _target(scope: Scope) -> bytes:
+    """The request path as received: ``raw_path`` without the query some servers leave
+    in it, else the decoded ``path`` (where a '?' is part of the path)."""
+    raw = scope.get("raw_path")
+    if raw:
+        return bytes(raw).split(b"?", 1)[0]
+    return str(scope["path"]).encode("utf-8", "surrogateescape")
+
+
+def _lenient_json(body: bytes) -> bool:
+    """Whether Python's own ``json.loads`` (Starlette's ``request.json()``) reads ``body``:
+    it takes duplicate keys, NaN, a byte-order mark, UTF-16 and UTF-32."""
+    try:
+        json.loads(body)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise RequestError("client disconnected while sending the request")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(f"Request body exceeds {limit} bytes.", status=413)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
@@ -187,6 +306,9 @@ async def _error(send: Send, pipeline: Pipeline, status: int, kind: str, code: s
     rates: Any = admission.rates.values() if admission else ()
     headers, body = pipeline.dialect.error_response(status, kind, code, message,
                                                     retry_after, rates)
-    headers.append((b"x-request-id", exchange.request_id.encode()))
+    headers.append((b"x-request-id", exchange.request_id.encode("latin-1", "replace")))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+__all__ = ["GuardMiddleware"]

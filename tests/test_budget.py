@@ -66,7 +66,7 @@ async def test_settles_actual_usage_and_writes_default_cap(tmp_path: Path) -> No
                                  base_url="http://p") as c:
         r = await post(c, {"model": "m", "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 200
-    assert r.json()["seen"]["max_completion_tokens"] == 100  # default written upstream
+    assert r.json()["seen"]["max_tokens"] == 100  # default written upstream
     assert r.headers["x-ratelimit-limit-tokens"] == "1000"
     assert int(r.headers["x-ratelimit-remaining-tokens"]) < 1000 - 100
     assert await remaining(app) == 1000 - (10 + 50)
@@ -206,5 +206,5 @@ async def test_budget_store_down_denies_or_allows_as_the_rule_says(tmp_path: Pat
         statuses[mode] = r.status_code
         if mode == "deny":
             assert r.json()["error"]["type"] == "server_error"
-        await app.pipeline.aclose()
+        await app.state.aclose()
     assert statuses == {"deny": 503, "allow": 200}

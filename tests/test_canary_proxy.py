@@ -262,10 +262,10 @@ def test_a_failing_response_stage_does_not_cut_the_response(
         caplog: pytest.LogCaptureFixture) -> None:
     from guardproxy.canary.stage import CanaryStage
 
-    def broken(self: CanaryStage, data: bytes, final: bool) -> bytes:
+    def broken(self: CanaryStage, body: object) -> None:
         raise RuntimeError("a bug in a stage")
 
-    monkeypatch.setattr(CanaryStage, "chunk", broken)
+    monkeypatch.setattr(CanaryStage, "whole", broken)
     body = {"model": "m", "max_tokens": 40, "messages": PROMPT}
     direct = httpx.post(fake + "/v1/chat/completions", json=body, timeout=10).json()
     with running_server(proxy_app(tmp_path, fake)) as url:

@@ -87,4 +87,4 @@ async def test_two_proxies_share_quota_budget_and_ledger(tmp_path: Path,
     entries = [e async for e in canary.ledger.entries()]
     assert [e.account for e in entries] == ["alice"] * 3, "both proxies wrote one ledger"
     for app in apps:
-        await app.pipeline.aclose()
+        await app.state.aclose()

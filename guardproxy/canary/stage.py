@@ -3,14 +3,20 @@
 Only text is rewritten: OpenAI ``message.content`` / ``delta.content`` / ``text``, the
 Responses API's ``output_text`` parts and ``response.output_text.delta`` (see
 ``responses_api``), and Anthropic ``text`` blocks / ``text_delta``. Every other event
-and field is passed on byte-identical; an event whose text changed is re-encoded. A
-stream holds back at most one partial word per choice (or content block, or part) and
-flushes it, in an event of its own, before the event that ends it. JSON bodies are
-rewritten whole.
+and field is passed on byte-identical; an event whose text changed has that one string
+value swapped in its raw bytes (re-encoded only when that is ambiguous).
+
+A stream holds back at most one partial word per choice (or content block, or part).
+The held-back text goes out with the event that ends its choice when that event carries
+the choice's text (vLLM, llama.cpp and TGI send the last text and ``finish_reason`` in
+one chunk), else in an event of its own just before it, so the text keeps its order.
+In shadow mode the stage only records the text for the ledger: the client gets the
+upstream's bytes unchanged.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -18,15 +24,17 @@ from typing import Any
 
 from guardproxy.canary import responses_api as rapi
 from guardproxy.canary.marker import Marker
-from guardproxy.response.events import Ending
-from guardproxy.response.sse import SSEFramer, event_fields
+from guardproxy.response.events import (
+    BaseStage,
+    BodyKind,
+    Ending,
+    ResponseHead,
+    SSEEvent,
+    WholeBody,
+)
+from guardproxy.response.sse import encode_event
 
 log = logging.getLogger("guardproxy.canary")
-_JSON_LIMIT = 8 << 20
-
-
-def _encode(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
 def _swap(block: bytes, key: str, old: str, new: str) -> bytes | None:
@@ -34,81 +42,85 @@ def _swap(block: bytes, key: str, old: str, new: str) -> bytes | None:
     upstream wrote it; None when the value is not found exactly once."""
     for ascii_only in (False, True):
         for sep in (":", ": "):
-            needle = f'"{key}"{sep}{json.dumps(old, ensure_ascii=ascii_only)}'.encode()
+            needle = f'"{key}"{sep}{json.dumps(old, ensure_ascii=ascii_only)}'.encode(
+                "utf-8", "surrogatepass")
             if block.count(needle) == 1:
                 value = json.dumps(new, ensure_ascii=ascii_only)
-                return block.replace(needle, f'"{key}"{sep}{value}'.encode())
+                return block.replace(needle, f'"{key}"{sep}{value}'.encode(
+                    "utf-8", "surrogatepass"))
     return None
 
 
-def _block(name: str, obj: Any) -> bytes:
-    head = f"event: {name}\n" if name else ""
-    return f"{head}data: {_encode(obj)}\n\n".encode()
-
-
-class CanaryStage:
+class CanaryStage(BaseStage):
     def __init__(self, dialect: str, new_marker: Callable[[], Marker],
-                 on_text: Callable[[str], Awaitable[None]] | None = None) -> None:
+                 on_text: Callable[[str], Awaitable[None]] | None = None,
+                 *, rewrite: bool = True) -> None:
         self.anthropic = dialect == "anthropic"
         self.new_marker = new_marker
+        self.rewrite = rewrite
         self.markers: dict[int, Marker] = {}
+        # index -> how to carry held-back text in an event of its own, in its dialect
+        self.carriers: dict[int, Callable[[str], bytes]] = {}
         self.on_text = on_text
         self.texts: dict[int, list[str]] = {}
-        self.active = False
-        self.framer: SSEFramer | None = None
-        self.body: list[bytes] = []
-        self.size = 0
 
     # -- ResponseStage ---------------------------------------------------------------
-    def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        values = {k.lower(): v for k, v in headers}
-        if status != 200 or values.get(b"content-encoding", b"identity") != b"identity":
-            return
-        self.active = True
-        if values.get(b"content-type", b"").startswith(b"text/event-stream"):
-            self.framer = SSEFramer()
+    def start(self, head: ResponseHead) -> bool:
+        return head.status == 200 and head.kind is not BodyKind.OTHER
 
-    def chunk(self, data: bytes, final: bool) -> bytes:
-        if not self.active:
-            return data
-        if self.framer is None:
-            self.body.append(data)
-            self.size += len(data)
-            if self.size > _JSON_LIMIT:  # too large to hold: pass it on unmarked
-                self.active = False
-                return b"".join(self.body)
-            return self._rewrite_json(b"".join(self.body)) if final else b""
-        out = [self._event(block) for block in self.framer.feed(data)]
-        if final:
-            out.append(self.framer.flush())
-        return b"".join(out)
+    def event(self, event: SSEEvent) -> None:
+        if event.data == "[DONE]":
+            event.insert_before(self._flush_all())
+            return
+        obj = event.json
+        if not isinstance(obj, dict):
+            return
+        if self.anthropic:
+            self._anthropic_event(event, obj)
+        elif str(obj.get("type", "")).startswith("response."):
+            self._responses_event(event, obj)
+        else:
+            self._openai_event(event, obj)
+
+    def end(self) -> bytes:
+        return self._flush_all()
+
+    def whole(self, body: WholeBody) -> None:
+        obj = body.json
+        if isinstance(obj, dict) and self._rewrite_json(obj):
+            body.replace(obj)
 
     async def finish(self, ending: Ending) -> None:
         if self.on_text is not None and ending is Ending.COMPLETED and self.texts:
             await self.on_text("\n\n".join("".join(parts) for parts in self.texts.values()))
 
     # -- text ------------------------------------------------------------------------
-    def _marker(self, index: int) -> Marker:
-        marker = self.markers.get(index)
-        if marker is None:
-            marker = self.markers[index] = self.new_marker()
-        return marker
-
-    def _emit(self, index: int, text: str) -> str:
+    def _feed(self, index: int, text: str, carrier: Callable[[str], bytes]) -> str:
+        """The text to send now for ``text`` arriving on one choice/block/part."""
+        if self.rewrite:
+            marker = self.markers.get(index)
+            if marker is None:
+                marker = self.markers[index] = self.new_marker()
+                self.carriers[index] = carrier
+            text = marker.feed(text)
         self.texts.setdefault(index, []).append(text)
         return text
 
-    def _mark_whole(self, index: int, text: str) -> str:
-        marker = self.new_marker()
-        return self._emit(index, marker.mark(text))
+    def _rest(self, index: int) -> str:
+        """The held-back end of a finished choice/block/part."""
+        marker = self.markers.pop(index, None)
+        if marker is None:
+            return ""
+        rest = marker.flush()
+        self.texts.setdefault(index, []).append(rest)
+        return rest
 
-    def _rewrite_json(self, raw: bytes) -> bytes:
-        try:
-            obj = json.loads(raw)
-        except ValueError:
-            return raw
-        if not isinstance(obj, dict):  # not an answer this stage knows: pass it on
-            return raw
+    def _mark_whole(self, index: int, text: str) -> str:
+        out = self.new_marker().mark(text) if self.rewrite else text
+        self.texts.setdefault(index, []).append(out)
+        return out
+
+    def _rewrite_json(self, obj: dict[str, Any]) -> bool:
         changed = False
         if self.anthropic and isinstance(obj.get("content"), list):
             for i, block in enumerate(obj["content"]):
@@ -123,131 +135,122 @@ class CanaryStage:
             for choice in obj["choices"]:
                 if not isinstance(choice, dict):
                     continue
-                index = choice.get("index", 0)
+                index = _index(choice.get("index"))
                 message = choice.get("message")
-                if isinstance(message, dict) and isinstance(message.get("content"), str):
-                    new = self._mark_whole(index, message["content"])
-                    changed |= new != message["content"]
-                    message["content"] = new
-                elif isinstance(choice.get("text"), str):
-                    new = self._mark_whole(index, choice["text"])
-                    changed |= new != choice["text"]
-                    choice["text"] = new
-        return _encode(obj).encode() if changed else raw
+                holder, key = (message, "content") if isinstance(message, dict) \
+                    else (choice, "text")
+                if isinstance(holder.get(key), str):
+                    new = self._mark_whole(index, holder[key])
+                    changed |= new != holder[key]
+                    holder[key] = new
+        return changed and self.rewrite
 
-    def _event(self, block: bytes) -> bytes:
-        name, data = event_fields(block)
-        if not data or data == "[DONE]":
-            return self._flush_all(name) + block if data == "[DONE]" else block
-        try:
-            obj = json.loads(data)
-        except ValueError:
-            return block
-        if not isinstance(obj, dict):
-            return block
-        if self.anthropic:
-            return self._anthropic_event(name, obj, block)
-        if str(obj.get("type", "")).startswith("response."):
-            return self._responses_event(name, obj, block)
-        return self._openai_event(name, obj, block)
-
-    def _mark_delta(self, name: str, obj: dict[str, Any], block: bytes, index: int,
-                    holder: dict[str, Any], key: str) -> bytes:
-        """Mark the text at ``holder[key]`` (part of ``obj``), the one text of this event:
-        swap it inside the raw bytes, or re-encode the event when that is ambiguous."""
-        text = holder[key]
-        new = self._emit(index, self._marker(index).feed(text))
-        if new == text:
-            return block
-        swapped = _swap(block, key, text, new)
-        if swapped is not None:
-            return swapped
+    def _set_text(self, event: SSEEvent, obj: dict[str, Any], holder: dict[str, Any],
+                  key: str, new: str) -> None:
+        """Make the event carry ``new`` at ``holder[key]`` (part of ``obj``): swapped in
+        the raw bytes when the old value is found exactly once, else re-encoded."""
+        old = holder.get(key)
+        if new == old:
+            return
         holder[key] = new
-        return _block(name, obj)
+        current = event.raw if event.out is None else event.out
+        swapped = _swap(current, key, old, new) if isinstance(old, str) else None
+        if swapped is not None:
+            event.out = swapped
+        else:
+            event.replace(obj)
 
-    def _anthropic_event(self, name: str, obj: dict[str, Any], block: bytes) -> bytes:
+    def _anthropic_event(self, event: SSEEvent, obj: dict[str, Any]) -> None:
         kind = obj.get("type")
-        index = obj.get("index", 0)
+        index = _index(obj.get("index"))
         if kind == "content_block_delta":
             delta = obj.get("delta")
             if isinstance(delta, dict) and delta.get("type") == "text_delta" \
                     and isinstance(delta.get("text"), str):
-                return self._mark_delta(name, obj, block, index, delta, "text")
-        elif kind == "content_block_stop" and index in self.markers:
-            rest = self._emit(index, self.markers.pop(index).flush())
+                new = self._feed(index, delta["text"], lambda rest: _anthropic_carrier(index, rest))
+                self._set_text(event, obj, delta, "text", new)
+        elif kind == "content_block_stop":
+            rest = self._rest(index)
             if rest:
-                extra = {"type": "content_block_delta", "index": index,
-                         "delta": {"type": "text_delta", "text": rest}}
-                return _block("content_block_delta", extra) + block
-        return block
+                event.insert_before(_anthropic_carrier(index, rest))
 
-    def _responses_event(self, name: str, obj: dict[str, Any], block: bytes) -> bytes:
+    def _responses_event(self, event: SSEEvent, obj: dict[str, Any]) -> None:
         key = rapi.part_key(obj.get("output_index"), obj.get("content_index"))
         if obj.get("type") == rapi.DELTA:
-            if not isinstance(obj.get("delta"), str):
-                return block
-            return self._mark_delta(name, obj, block, key, obj, "delta")
-        before = b""
-        if obj.get("type") == rapi.TEXT_DONE and key in self.markers:
-            rest = self._emit(key, self.markers.pop(key).flush())
+            if isinstance(obj.get("delta"), str):
+                new = self._feed(key, obj["delta"], lambda rest: _responses_carrier(obj, rest))
+                self._set_text(event, obj, obj, "delta", new)
+            return
+        if obj.get("type") == rapi.TEXT_DONE:
+            rest = self._rest(key)
             if rest:  # the held-back last word, as one more delta before the done event
-                carrier = {k: obj[k] for k in ("item_id", "output_index", "content_index",
-                                               "sequence_number") if k in obj}
-                before = _block(rapi.DELTA, {"type": rapi.DELTA, **carrier, "delta": rest})
-        if rapi.rewrite_final_event(obj, self._final_text):
-            return before + _block(name, obj)
-        return before + block
+                event.insert_before(_responses_carrier(obj, rest))
+        if self.rewrite and rapi.rewrite_final_event(obj, self._final_text):
+            event.replace(obj)
 
     def _final_text(self, key: int, text: str) -> str:
         """The marked text of a part whose deltas have all passed (else unchanged)."""
         parts = self.texts.get(key)
         return "".join(parts) if parts is not None and key not in self.markers else text
 
-    def _openai_event(self, name: str, obj: dict[str, Any], block: bytes) -> bytes:
+    def _openai_event(self, event: SSEEvent, obj: dict[str, Any]) -> None:
         choices = obj.get("choices")
-        if not isinstance(choices, list) or not choices:
-            return block
-        changed = False
-        before = b""
+        if not isinstance(choices, list):
+            return
         for choice in choices:
             if not isinstance(choice, dict):
                 continue
-            index = choice.get("index", 0)
+            index = _index(choice.get("index"))
             delta = choice.get("delta")
             holder, key = (delta, "content") if isinstance(delta, dict) else (choice, "text")
-            text = holder.get(key) if isinstance(holder, dict) else None
+            chat = key == "content"   # a chat choice: carriers must be chat-shaped too
+            text = holder.get(key)
+            new = None
             if isinstance(text, str) and text:
-                new = self._emit(index, self._marker(index).feed(text))
-                if new != text:
-                    holder[key] = new
-                    changed = True
-                    if len(choices) == 1:
-                        swapped = _swap(block, key, text, new)
-                        if swapped is not None:
-                            block, changed = swapped, False
-            if choice.get("finish_reason") is not None and index in self.markers:
-                rest = self._emit(index, self.markers.pop(index).flush())
-                if rest:
-                    before += self._carrier(obj, index, rest, name)
-        if not changed:
-            return before + block
-        return before + _block(name, obj)
+                new = self._feed(index, text, functools.partial(
+                    self._carrier, obj, index, name=event.name, chat=chat))
+            if choice.get("finish_reason") is not None:
+                rest = self._rest(index)
+                if rest and new is not None:
+                    new += rest    # this chunk ends the choice and carries its text
+                elif rest:
+                    event.insert_before(self._carrier(obj, index, rest, event.name, chat))
+            if new is not None:
+                self._set_text(event, obj, holder, key, new)
 
-    def _carrier(self, template: dict[str, Any], index: int, text: str, name: str) -> bytes:
-        """An extra chunk carrying held-back text, shaped like the chunk it precedes."""
-        chat = template.get("object") == "chat.completion.chunk"
+    @staticmethod
+    def _carrier(template: dict[str, Any], index: int, text: str, name: str,
+                 chat: bool) -> bytes:
+        """An extra chunk carrying held-back text, shaped like the chunk it precedes
+        (``chat``: a ``delta`` choice, else a completions ``text`` choice)."""
         choice: dict[str, Any] = ({"index": index, "delta": {"content": text},
                                    "finish_reason": None} if chat else
                                   {"index": index, "text": text, "finish_reason": None})
         extra = {k: v for k, v in template.items() if k not in ("choices", "usage")}
         extra["choices"] = [choice]
-        return _block(name, extra)
+        return encode_event(name, extra)
 
-    def _flush_all(self, name: str) -> bytes:
+    def _flush_all(self) -> bytes:
+        """Every choice's held-back text (the stream is ending without finishing them)."""
         out = b""
         for index in list(self.markers):
-            rest = self._emit(index, self.markers.pop(index).flush())
+            rest = self._rest(index)
             if rest:
-                template = {"object": "chat.completion.chunk"}
-                out += self._carrier(template, index, rest, name)
+                out += self.carriers[index](rest)
         return out
+
+
+def _index(value: Any) -> int:
+    """A choice's or block's index as upstreams send it (an int), else 0."""
+    return value if isinstance(value, int) else 0
+
+
+def _anthropic_carrier(index: int, text: str) -> bytes:
+    return encode_event("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                "delta": {"type": "text_delta", "text": text}})
+
+
+def _responses_carrier(template: dict[str, Any], text: str) -> bytes:
+    fields = {k: template[k] for k in ("item_id", "output_index", "content_index",
+                                       "sequence_number") if k in template}
+    return encode_event(rapi.DELTA, {"type": rapi.DELTA, **fields, "delta": text})

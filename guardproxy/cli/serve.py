@@ -11,9 +11,10 @@ from typing import TypeVar
 
 import click
 
-from guardproxy.errors import PolicyError
+from guardproxy.errors import PolicyError, Problem
 from guardproxy.policy.load import load_policy
 from guardproxy.policy.model import Policy
+from guardproxy.policy.source import one_line
 
 T = TypeVar("T")
 
@@ -23,7 +24,7 @@ def _load_or_exit(path: Path) -> Policy:
         return load_policy(path)
     except PolicyError as exc:
         for problem in exc.problems:
-            click.echo(str(problem), err=True)
+            click.echo(one_line(str(problem)), err=True)
         sys.exit(1)
 
 
@@ -39,8 +40,9 @@ def _part_or_exit(path: Path, part: Callable[[Policy], T]) -> tuple[Policy, T]:
 
 
 @click.command()
-@click.option("--policy", "policy_path", type=click.Path(path_type=Path), required=True,
-              envvar="GUARDPROXY_POLICY", help="Policy YAML file.")
+@click.option("--policy", "policy_path", type=click.Path(path_type=Path), default=None,
+              envvar="GUARDPROXY_POLICY",
+              help="Policy YAML file (with --demo it defaults to the built-in demo policy).")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True, type=int)
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1))
@@ -51,15 +53,46 @@ def _part_or_exit(path: Path, part: Callable[[Policy], T]) -> tuple[Policy, T]:
               help="Override upstream.url of the policy.")
 @click.option("--demo", is_flag=True,
               help="Also start the built-in fake model API and forward to it.")
-def serve(policy_path: Path, host: str, port: int, workers: int, log_level: str,
+def serve(policy_path: Path | None, host: str, port: int, workers: int, log_level: str,
           access_log: bool, upstream: str | None, demo: bool) -> None:
     """Run the proxy in front of the upstream named in the policy."""
     import uvicorn
 
     from guardproxy.app import POLICY_ENV, UPSTREAM_ENV
+    from guardproxy.policy.demo import DEMO_POLICY
+    from guardproxy.policy.lint import format_warning, locate, policy_warnings
+    from guardproxy.policy.values import has_credentials, parse_url, redact_url
     from guardproxy.state import scheme_of
 
+    if demo and upstream:
+        raise click.UsageError("--demo forwards to the fake model it starts: drop --upstream")
+    if policy_path is None:
+        if not demo:
+            raise click.UsageError("give --policy FILE (or set GUARDPROXY_POLICY), or --demo "
+                                   "to try the built-in demo policy")
+        policy_path = DEMO_POLICY
+    if upstream is not None:
+        try:
+            upstream = parse_url(upstream)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--upstream") from None
     policy = _load_or_exit(policy_path)
+    for warning in policy_warnings(policy):
+        click.echo(format_warning(warning), err=True)
+    if upstream and has_credentials(upstream) and any(
+            name.lower() == "authorization" for name, _ in policy.upstream.headers):
+        raise click.BadParameter("its user:password and the policy's upstream.headers "
+                                 "Authorization would both set Authorization: keep one",
+                                 param_hint="--upstream")
+    if not (policy.upstream.url or upstream or demo):
+        line = locate(policy_path, "upstream", "url")
+        click.echo(one_line(str(Problem(str(policy_path), line, "upstream.url",
+                                        "required to serve (or pass --upstream)"))), err=True)
+        sys.exit(1)
+    if workers > 1 and scheme_of(policy.state) == "memory":
+        click.echo(f"{policy_path}: state is memory:// but --workers {workers}: each worker "
+                   "would count alone. Use a redis:// state or --workers 1.", err=True)
+        sys.exit(2)
     if demo:
         from guardproxy.cli.demo import start_fake_model_thread
 
@@ -68,14 +101,10 @@ def serve(policy_path: Path, host: str, port: int, workers: int, log_level: str,
     if upstream:
         os.environ[UPSTREAM_ENV] = upstream
         policy = replace(policy, upstream=replace(policy.upstream, url=upstream))
-    if workers > 1 and scheme_of(policy.state) == "memory":
-        click.echo(f"{policy_path}: state is memory:// but --workers {workers}: each worker "
-                   "would count alone. Use a redis:// state or --workers 1.", err=True)
-        sys.exit(2)
     os.environ[POLICY_ENV] = str(policy_path.resolve())
-    click.echo(f"guardproxy on http://{host}:{port} -> {policy.upstream.url} "
-               f"({policy.upstream.dialect}, {len(policy.rules)} rules, state {policy.state})",
-               err=True)
+    click.echo(f"guardproxy on http://{host}:{port} -> {redact_url(policy.upstream.url)} "
+               f"({policy.upstream.dialect}, {len(policy.rules)} rules, "
+               f"state {redact_url(policy.state)})", err=True)
     # proxy_headers=False: uvicorn would otherwise take the client address from
     # X-Forwarded-For whenever the peer is 127.0.0.1, behind clients.trusted_proxies' back
     uvicorn.run("guardproxy.app:app_from_env", factory=True, host=host, port=port,
@@ -86,18 +115,50 @@ def serve(policy_path: Path, host: str, port: int, workers: int, log_level: str,
 @click.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 def check(files: tuple[Path, ...]) -> None:
-    """Validate policy files: one line per problem, FILE:LINE: field: message."""
+    """Validate policy files (and accounts files): one line per problem,
+    FILE:LINE: field: message, and exit 1; warnings read FILE:LINE: warning: … and
+    leave the exit code 0."""
     failed = False
+    shown: set[str] = set()  # policies sharing one accounts file share its warnings
     for path in files:
         try:
-            policy = load_policy(path)
-        except PolicyError as exc:
+            summary, problems, warnings = _check_file(path)
+        except Exception as exc:  # a bug: still one line, never a traceback
+            summary, warnings = None, []
+            problems = [f"{path}:0: <root>: internal error, please report it: "
+                        f"{type(exc).__name__}: {exc}"]
+        for line in [*problems, *(w for w in warnings if w not in shown)]:
+            click.echo(one_line(line), err=True)
+        shown.update(warnings)
+        if summary is None:
             failed = True
-            for problem in exc.problems:
-                click.echo(str(problem), err=True)
-            continue
-        click.echo(f"{path}: ok ({len(policy.rules)} rules, {len(policy.keys)} keys)")
+        else:
+            click.echo(one_line(f"{path}: ok ({summary})"))
     sys.exit(1 if failed else 0)
+
+
+def _check_file(path: Path) -> tuple[str | None, list[str], list[str]]:
+    """(summary or None when invalid, problem lines, warning lines) of one file."""
+    from guardproxy.identity.keys import read_accounts
+    from guardproxy.policy.lint import demo_key_warnings, format_warning, policy_warnings
+    from guardproxy.policy.source import LocDict, LocList, read_yaml
+
+    doc = read_yaml(path, os.environ, [])
+    if isinstance(doc, LocDict) and "version" not in doc and isinstance(
+            doc.get("accounts"), LocList):  # an accounts file, not a policy
+        problems: list[Problem] = []
+        keys = read_accounts(path, os.environ, problems)
+        if problems:
+            return None, [str(p) for p in problems], []
+        warnings = [format_warning(w) for w in demo_key_warnings(path, keys)]
+        accounts = len({a.id for a in keys.values()})
+        return f"accounts file, {accounts} accounts, {len(keys)} keys", [], warnings
+    try:
+        policy = load_policy(path)
+    except PolicyError as exc:
+        return None, [str(p) for p in exc.problems], []
+    warnings = [format_warning(w) for w in policy_warnings(policy)]
+    return f"{len(policy.rules)} rules, {len(policy.keys)} keys", [], warnings
 
 
 @click.command("fake-model")

@@ -22,7 +22,7 @@ def usage(account: str, policy_path: Path, as_json: bool) -> None:
     """Show each token budget's used / reserved / remaining / reset for ACCOUNT."""
     from guardproxy.admin import usage_report
     from guardproxy.flow import Pipeline
-    from guardproxy.state import scheme_of
+    from guardproxy.state import open_state, scheme_of
 
     policy = _load_or_exit(policy_path)
     if scheme_of(policy.state) == "memory":
@@ -30,11 +30,11 @@ def usage(account: str, policy_path: Path, as_json: bool) -> None:
                    "ask the running proxy: GET /admin/usage/{account}", err=True)
 
     async def fetch() -> dict[str, Any] | None:
-        pipeline = Pipeline(policy)
+        state = open_state(policy.state, policy.key_prefix)
         try:
-            return await usage_report(pipeline, account)
+            return await usage_report(Pipeline(policy, state), account)
         finally:
-            await pipeline.aclose()
+            await state.aclose()
 
     report = asyncio.run(fetch())
     if report is None:

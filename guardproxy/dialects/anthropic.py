@@ -8,8 +8,10 @@ from typing import TYPE_CHECKING, Any
 
 from guardproxy.dialects.base import Dialect, Headers
 from guardproxy.guards.base import RateHeaders
+from guardproxy.request.plan import NOT_GENERATION, RequestPlan, boolean, cap_of, model_of
 
 if TYPE_CHECKING:
+    from guardproxy.policy.model import UpstreamConfig
     from guardproxy.response.usage import Tally
 
 _INPUT_FIELDS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
@@ -28,6 +30,7 @@ _ERROR_TYPES = {
 
 class AnthropicDialect(Dialect):
     name = "anthropic"
+    endpoints = (("/messages", "messages"),)
 
     def api_key(self, headers: Mapping[str, str]) -> str | None:
         key = headers.get("x-api-key")
@@ -52,8 +55,12 @@ class AnthropicDialect(Dialect):
             ]
         return out
 
-    def completion_field(self, path: str, body: Mapping[str, Any]) -> str | None:
-        return "max_tokens" if path.endswith("/messages") else None
+    def plan(self, path: str, body: Mapping[str, Any], upstream: UpstreamConfig) -> RequestPlan:
+        if self.endpoint(path) is None:
+            return NOT_GENERATION
+        cap, _ = cap_of(body, ("max_tokens",))
+        return RequestPlan(endpoint="messages", model=model_of(body, path),
+                           stream=boolean(body, "stream"), cap=cap, cap_fields=("max_tokens",))
 
     def read_json(self, body: Mapping[str, Any], tally: Tally) -> None:
         _usage(body.get("usage"), tally)
@@ -62,7 +69,9 @@ class AnthropicDialect(Dialect):
         kind = data.get("type")
         if kind == "message_start":
             message = data.get("message")
-            _usage(message.get("usage") if isinstance(message, dict) else None, tally)
+            # its output_tokens counts the answer so far (1), not the answer
+            _usage(message.get("usage") if isinstance(message, dict) else None, tally,
+                   final=False)
         elif kind == "message_delta":
             _usage(data.get("usage"), tally)
         elif kind == "content_block_delta":
@@ -74,10 +83,14 @@ class AnthropicDialect(Dialect):
         return False
 
 
-def _usage(usage: Any, tally: Tally) -> None:
+def _usage(usage: Any, tally: Tally, final: bool = True) -> None:
     """Input = uncached + cache writes + cache reads; ``message_delta`` output is cumulative."""
     if not isinstance(usage, dict):
         return
-    inputs = [usage[f] for f in _INPUT_FIELDS if isinstance(usage.get(f), int)]
+    inputs = [usage[f] for f in _INPUT_FIELDS if _count(usage.get(f))]
     output = usage.get("output_tokens")
-    tally.report(sum(inputs) if inputs else None, output if isinstance(output, int) else None)
+    tally.report(sum(inputs) if inputs else None, output if _count(output) else None, final)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 from guardproxy.guards.base import RateHeaders
 
 if TYPE_CHECKING:
-    from guardproxy.exchange import Exchange
+    from guardproxy.policy.model import UpstreamConfig
+    from guardproxy.request.plan import RequestPlan
     from guardproxy.response.usage import Tally
 
 # Never forwarded upstream, whatever the dialect: the client's own credentials.
@@ -29,6 +30,12 @@ Headers = list[tuple[bytes, bytes]]
 
 class Dialect(ABC):
     name: str
+    # (path suffix, endpoint name) of the endpoints that generate text, checked in order
+    endpoints: tuple[tuple[str, str], ...] = ()
+
+    def endpoint(self, path: str) -> str | None:
+        """The generation endpoint a normalised path names, or None."""
+        return next((name for suffix, name in self.endpoints if path.endswith(suffix)), None)
 
     @abstractmethod
     def api_key(self, headers: Mapping[str, str]) -> str | None:
@@ -42,20 +49,16 @@ class Dialect(ABC):
     def rate_headers(self, rates: Iterable[RateHeaders], now: float) -> Headers:
         """Response headers that report rate limits, as this dialect's SDKs read them."""
 
-    # -- tokens: what a request may generate, what a response cost ------------------
+    # -- the request: what it asks the model to do ------------------------------
     @abstractmethod
-    def completion_field(self, path: str, body: Mapping[str, Any]) -> str | None:
-        """The body field capping generated tokens on a generation endpoint, else None."""
+    def plan(self, path: str, body: Mapping[str, Any], upstream: UpstreamConfig) -> RequestPlan:
+        """The request plan of a parsed JSON body on ``path``; raises ``RequestError``
+        (400) naming a field whose type or value a lenient upstream could read
+        differently."""
 
-    def completions_per_request(self, path: str, body: Mapping[str, Any]) -> int:
-        """How many completions of up to the cap one request may generate (OpenAI's
-        ``n`` and ``best_of``); each is billed, so each must be reserved."""
-        return 1
-
-    def ensure_stream_usage(self, exchange: Exchange) -> bool:
-        """Make a streamed request report usage; True if the proxy had to ask for it
-        (and must then hide the extra usage event from the client)."""
-        return False
+    def inject_stream_usage(self, body: dict[str, Any]) -> None:
+        """Ask a streamed request to report usage (only called when the plan says so)."""
+        return None
 
     @abstractmethod
     def read_json(self, body: Mapping[str, Any], tally: Tally) -> None:
@@ -78,3 +81,31 @@ class Dialect(ABC):
             headers.append((b"retry-after", str(max(1, math.ceil(retry_after))).encode()))
         headers.extend(self.rate_headers(rates, time.time()))
         return headers, body
+
+    def merge_rate_headers(self, upstream: Headers, ours: Headers) -> Headers:
+        """One value per rate-limit header: where the upstream reports the same limit
+        (its own ``x-ratelimit-*``), the tighter of the two sets is kept, whole — its
+        limit, remaining and reset together. ``ours`` comes in (limit, remaining, reset)
+        triples, as ``rate_headers`` renders them."""
+        if not ours:
+            return upstream
+        theirs = {name.lower(): value for name, value in upstream}
+        drop: set[bytes] = set()
+        kept: Headers = []
+        for i in range(0, len(ours), 3):
+            triple = ours[i:i + 3]
+            names = {name for name, _ in triple}
+            remaining = theirs.get(triple[1][0])
+            # ours win when tighter, and over a partial set (a limit with no remaining)
+            if remaining is None or _tighter(triple[1][1], remaining):
+                drop |= names
+                kept += triple
+        return [(n, v) for n, v in upstream if n.lower() not in drop] + kept
+
+
+def _tighter(ours: bytes, theirs: bytes) -> bool:
+    """Whether our remaining count is below the upstream's (an unreadable one loses)."""
+    try:
+        return int(ours) < int(theirs.strip())
+    except ValueError:
+        return True

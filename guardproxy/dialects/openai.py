@@ -6,19 +6,31 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from guardproxy.dialects.base import Dialect, Headers
+from guardproxy.errors import RequestError
 from guardproxy.guards.base import RateHeaders
+from guardproxy.request.plan import (
+    NOT_GENERATION,
+    RequestPlan,
+    boolean,
+    cap_of,
+    integer,
+    model_of,
+)
 
 if TYPE_CHECKING:
-    from guardproxy.exchange import Exchange
+    from guardproxy.policy.model import UpstreamConfig
     from guardproxy.response.usage import Tally
 
-# generation endpoint -> fields capping its output, the first one written when absent
-_LIMIT_FIELDS = {
-    "/chat/completions": ("max_completion_tokens", "max_tokens"),
-    "/completions": ("max_tokens",),
-    "/responses": ("max_output_tokens",),
-}
-_STREAM_USAGE_PATHS = ("/chat/completions", "/completions")
+# generation endpoints (matched on the normalised path's end) and their cap fields
+_ENDPOINTS = (("/chat/completions", "chat"), ("/completions", "completions"),
+              ("/responses", "responses"))
+_CAP_FIELDS = {"chat": ("max_tokens", "max_completion_tokens"),
+               "completions": ("max_tokens",), "responses": ("max_output_tokens",)}
+# upstream.cap_field -> the chat fields written; OpenAI-compatible servers (vLLM, SGLang,
+# llama.cpp, TGI) all honour max_tokens, not all honour max_completion_tokens
+_CHAT_CAP = {None: ("max_tokens",), "max_tokens": ("max_tokens",),
+             "max_completion_tokens": ("max_completion_tokens",),
+             "both": ("max_tokens", "max_completion_tokens")}
 
 _ERROR_TYPES = {
     "rate_limit": "requests",
@@ -48,6 +60,7 @@ def _duration(seconds: float) -> str:
 
 class OpenAIDialect(Dialect):
     name = "openai"
+    endpoints = _ENDPOINTS
 
     def api_key(self, headers: Mapping[str, str]) -> str | None:
         auth = headers.get("authorization", "")
@@ -76,30 +89,36 @@ class OpenAIDialect(Dialect):
             ]
         return out
 
-    def completion_field(self, path: str, body: Mapping[str, Any]) -> str | None:
-        for suffix, fields in _LIMIT_FIELDS.items():
-            if path.endswith(suffix):
-                return next((f for f in fields if isinstance(body.get(f), int)), fields[0])
-        return None
-
-    def completions_per_request(self, path: str, body: Mapping[str, Any]) -> int:
-        if not path.endswith(("/chat/completions", "/completions")):
-            return 1
-        counts = [v for v in (body.get("n"), body.get("best_of"))
-                  if isinstance(v, int) and not isinstance(v, bool)]
-        return max([1, *counts])
-
-    def ensure_stream_usage(self, exchange: Exchange) -> bool:
-        body = exchange.json
-        if not exchange.streaming or body is None \
-                or not exchange.path.endswith(_STREAM_USAGE_PATHS):
-            return False
+    def plan(self, path: str, body: Mapping[str, Any], upstream: UpstreamConfig) -> RequestPlan:
+        endpoint = self.endpoint(path)
+        if endpoint is None:
+            return NOT_GENERATION
+        model = model_of(body, path)
+        stream = boolean(body, "stream")
+        cap, given = cap_of(body, _CAP_FIELDS[endpoint])
+        written = _CHAT_CAP[upstream.cap_field] if endpoint == "chat" \
+            else _CAP_FIELDS[endpoint]
+        completions = 1
+        if endpoint != "responses":
+            n = integer(body, "n", minimum=1) or 1
+            best_of = integer(body, "best_of", minimum=1) or 1
+            completions = max(n, best_of) * _prompts(body) if endpoint == "completions" \
+                else max(n, best_of)
         options = body.get("stream_options")
-        if isinstance(options, dict) and options.get("include_usage"):
-            return False
-        exchange.set_json("stream_options", {**(options if isinstance(options, dict) else {}),
-                                             "include_usage": True})
-        return True
+        if options is not None and not isinstance(options, dict):
+            raise RequestError("'stream_options' must be an object.")
+        asked = boolean(options, "include_usage") if options else False
+        return RequestPlan(
+            endpoint=endpoint, model=model, stream=stream, cap=cap,
+            cap_fields=tuple(dict.fromkeys((*written, *given))), completions=completions,
+            inject_usage=(stream and endpoint != "responses" and not asked
+                          and upstream.stream_usage == "inject"),
+            exact=_exact(body, endpoint))
+
+    def inject_stream_usage(self, body: dict[str, Any]) -> None:
+        options = body.get("stream_options")
+        body["stream_options"] = {**(options if isinstance(options, dict) else {}),
+                                  "include_usage": True}
 
     def read_json(self, body: Mapping[str, Any], tally: Tally) -> None:
         _usage(body.get("usage"), tally)
@@ -134,7 +153,38 @@ def _usage(usage: Any, tally: Tally) -> bool:
     if not isinstance(usage, dict):
         return False
     prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
-    completion = usage.get("completion_tokens", usage.get("output_tokens", 0))
-    tally.report(prompt if isinstance(prompt, int) else None,
-                 completion if isinstance(completion, int) else None)
+    completion = usage.get("completion_tokens", usage.get("output_tokens"))
+    tally.report(prompt if _count(prompt) else None, completion if _count(completion) else None)
     return True
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _prompts(body: Mapping[str, Any]) -> int:
+    """Prompts in a legacy completions request: each gets ``n`` completions (vLLM and
+    OpenAI accept a list of strings or of token lists; a list of ints is one prompt)."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and not all(
+            isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+        return len(prompt)
+    return 1
+
+
+def _exact(body: Mapping[str, Any], endpoint: str) -> bool:
+    """Whether the answer must reach the client exactly as generated: structured output
+    or log-probabilities (types checked, so ``"top_logprobs": "0"`` cannot turn marking
+    off while a lenient upstream reads it as 0)."""
+    text = body.get("text")  # the Responses API puts structured output in text.format
+    for fmt in (body.get("response_format"),
+                text.get("format") if isinstance(text, dict) else None):
+        if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") in (None, "text")):
+            return True
+    if endpoint == "completions":
+        return integer(body, "logprobs") is not None
+    if endpoint == "chat":
+        return boolean(body, "logprobs") or bool(integer(body, "top_logprobs"))
+    include = body.get("include")
+    return (isinstance(include, list) and any("logprobs" in str(i) for i in include)) \
+        or bool(integer(body, "top_logprobs"))

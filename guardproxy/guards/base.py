@@ -9,7 +9,7 @@ itself lives in ``guardproxy.flow``), then in file order within a phase.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, Protocol
@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from guardproxy.dialects.base import Dialect
     from guardproxy.exchange import Exchange
+    from guardproxy.observe import Observer
     from guardproxy.policy.model import Policy, Rule
     from guardproxy.policy.reader import Reader
     from guardproxy.response.events import ResponseStage
@@ -44,18 +45,27 @@ class RateHeaders:
 
 @dataclass(slots=True)
 class Outcome:
-    """A guard's answer for one request."""
+    """A guard's answer for one request.
+
+    A denial carries its HTTP ``status`` (429 for limits, 400/403 for shaping), a
+    dialect-neutral error ``kind`` and ``code``, and the ``window`` that decided
+    (``"20/minute"``). ``commit`` is work the guard defers until every guard has
+    allowed the request (quota hits), so a request denied anywhere consumes nothing;
+    it returns a denial when the window filled up meanwhile."""
 
     allowed: bool
     rule: str
     shadow: bool = False
     rate: tuple[RateHeaders, ...] = ()
     retry_after: float = 0.0
+    status: int = 429
     kind: str = "rate_limit"            # dialect-neutral error kind when denied
     code: str = "rate_limit_exceeded"
     message: str = ""
+    window: str = ""
     lease: Lease | None = None          # settled from the response's usage (budgets)
     stage: ResponseStage | None = None  # sees the response itself (canaries)
+    commit: Callable[[], Awaitable[Outcome | None]] | None = None
 
     @property
     def enforced_denial(self) -> bool:
@@ -77,6 +87,7 @@ class Runtime:
     policy: Policy
     state: State
     dialect: Dialect
+    observer: Observer
 
 
 @dataclass(frozen=True)
@@ -90,3 +101,5 @@ class RuleKind:
 
 
 PerKey = Callable[["Exchange"], "str | None"]
+"""A ``per:`` key's value for a request; None when the request does not carry it (the
+rule then counts that request under an empty value: it is never skipped)."""

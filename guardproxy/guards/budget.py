@@ -8,11 +8,21 @@
       min_tokens: 16            # clamp never goes below this; less left -> reject
       default_max_tokens: 1024  # written into requests that name no limit
 
-Before forwarding, the estimated prompt plus the request's output cap is reserved in
-every window at once (one atomic store call). After the response, the reservation is
-settled with the reported usage. A client that disconnects mid-stream is charged the
-whole reservation: the upstream may have generated all of it, and guardproxy stops
-reading, so the reservation is the honest upper bound.
+Before forwarding, the estimated prompt plus the request's output cap times the
+completions it asks for (``n``, ``best_of``, several prompts) is reserved in every
+window at once (one atomic store call), and that cap is written into every body field
+the upstream may read it from (``upstream.cap_field``). While the response streams the
+lease is renewed; after it, the reservation is settled with the reported usage:
+
+- completed: the usage the upstream reported (or, without usage, an estimate of the
+  text the client received);
+- the upstream broke off mid-response: what was streamed to the client;
+- the client disconnected mid-response: the whole reservation (the upstream may have
+  generated all of it, and guardproxy stops reading, so the reservation is the honest
+  upper bound);
+- nothing was generated (denied, cancelled before the response, upstream failed, an
+  error answer without usage): nothing.
+A settle that fails is retried from a bounded queue (``state.settles``).
 """
 
 from __future__ import annotations
@@ -33,9 +43,10 @@ from guardproxy.policy.model import Rule
 from guardproxy.policy.reader import Reader
 from guardproxy.response.events import Ending
 from guardproxy.response.usage import Usage
-from guardproxy.state.budgets import BudgetStore, Reservation, Window
+from guardproxy.state.budgets import Reservation, Window
 from guardproxy.tokens import estimate_prompt, estimate_text
 
+_READS = frozenset({"GET", "HEAD", "OPTIONS"})  # without a body: nothing to charge
 _COUNTS = {"total": (1.0, 1.0), "prompt": (1.0, 0.0), "completion": (0.0, 1.0)}
 _RESOURCE = {(1.0, 0.0): "input-tokens", (0.0, 1.0): "output-tokens"}
 
@@ -66,40 +77,45 @@ def _count(value: Any) -> tuple[float, float]:
 
 
 def parse(reader: Reader) -> BudgetSettings:
-    from guardproxy.policy.load import parse_duration
-
     rates: tuple[RateLimitItem, ...] = reader.parsed("budget", parse_rates, ())
     prompt_w, completion_w = reader.parsed("count", _count, (1.0, 1.0))
-    ttl = reader.parsed("lease_ttl", parse_duration, 0.0)
+    ttl = reader.duration("lease_ttl", 0.0)
     return BudgetSettings(
         windows=tuple(Window(int(r.amount), int(r.get_expiry())) for r in rates),
         prompt_weight=prompt_w, completion_weight=completion_w,
         on_exhausted=reader.choice("on_exhausted", ("reject", "clamp"), "reject"),
-        min_tokens=reader.typed("min_tokens", int, 16) or 16,
-        default_max_tokens=reader.typed("default_max_tokens", int, 1024) or 1024,
+        min_tokens=reader.positive_int("min_tokens", 16),
+        default_max_tokens=reader.positive_int("default_max_tokens", 1024),
         lease_ttl=ttl or None,
     )
 
 
 class BudgetLease:
-    def __init__(self, store: BudgetStore, subject: str, lease_id: str, amount: int,
-                 settings: BudgetSettings) -> None:
-        self.store = store
+    def __init__(self, guard: BudgetGuard, exchange: Exchange, subject: str, lease_id: str,
+                 amount: int) -> None:
+        self.guard = guard
+        self.exchange = exchange
         self.subject = subject
         self.lease_id = lease_id
         self.amount = amount
-        self.settings = settings
+        self.ttl = guard.ttl
+
+    async def renew(self) -> None:
+        await self.guard.store.renew(self.subject, self.lease_id, self.guard.ttl)
 
     async def close(self, usage: Usage, ending: Ending, status: int) -> None:
-        if ending in (Ending.DENIED, Ending.UPSTREAM_FAILED):
+        cost = self.guard.settings.cost
+        if ending in (Ending.DENIED, Ending.CANCELLED, Ending.UPSTREAM_FAILED):
             actual = 0
         elif ending is Ending.DISCONNECTED:
-            actual = max(self.amount, self.settings.cost(usage.prompt, usage.completion))
+            actual = max(self.amount, cost(usage.prompt, usage.completion))
         elif status >= 400 and not usage.reported:
             actual = 0  # an error answer generated nothing
         else:
-            actual = self.settings.cost(usage.prompt, usage.completion)
-        await self.store.settle(self.subject, self.lease_id, actual)
+            actual = cost(usage.prompt, usage.completion)
+        guard = self.guard
+        await guard.settles.settle(guard.store, self.subject, self.lease_id, actual)
+        guard.observer.settled(self.exchange, guard.rule.name, self.amount, actual, ending)
 
 
 class BudgetGuard:
@@ -107,66 +123,83 @@ class BudgetGuard:
         self.rule = rule
         self.settings: BudgetSettings = rule.settings
         self.store = runtime.state.budgets
-        self.dialect = runtime.dialect
+        self.settles = runtime.state.settles
+        self.observer = runtime.observer
         self.count = runtime.policy.tokenizer or estimate_text
         self.key = compile_per(rule.per, per_keys())
         self.when = None if rule.when.always else rule.when
         self.ttl = self.settings.lease_ttl or runtime.policy.upstream.timeout + 60.0
         weights = (self.settings.prompt_weight, self.settings.completion_weight)
         self.resource = _RESOURCE.get(weights, "tokens")
+        self.dialect = runtime.dialect
 
     def subject(self, key: str) -> str:
         return f"{self.rule.name}|{key}"
 
     async def check(self, exchange: Exchange) -> Outcome | None:
+        if (exchange.method in _READS and exchange.body is None) or (
+                self.when is not None and not self.when(exchange.attrs(), exchange.headers)):
+            return None
         body = exchange.json
-        if body is None or (self.when is not None
-                            and not self.when(exchange.attrs(), exchange.headers)):
-            return None
-        key = self.key(exchange)
-        if key is None:
-            return None
         s = self.settings
+        plan = exchange.plan
         prompt = exchange.notes.get("prompt_estimate")
-        if prompt is None:
-            prompt = exchange.notes["prompt_estimate"] = estimate_prompt(body, self.count)
-            exchange.notes["hide_usage_chunk"] = self.dialect.ensure_stream_usage(exchange)
-        field = self.dialect.completion_field(exchange.path, body)
-        cap = body.get(field) if field else 0
-        if not isinstance(cap, int) or isinstance(cap, bool) or cap < 0:
-            cap = s.default_max_tokens
-            if field and not self.rule.shadow:
-                exchange.set_json(field, cap)
-        copies = self.dialect.completions_per_request(exchange.path, body)  # n, best_of
-        subject = self.subject(key)
+        if prompt is None:  # a body the proxy did not read (an upload) settles from usage
+            prompt = exchange.notes["prompt_estimate"] = (
+                estimate_prompt(body, self.count) if body is not None else 0)
+        cap = 0
+        if plan.generates:
+            if plan.inject_usage and body is not None \
+                    and not exchange.notes.get("hide_usage_chunk"):
+                self.dialect.inject_stream_usage(body)
+                exchange.body_changed = exchange.notes["hide_usage_chunk"] = True
+            cap = plan.cap if plan.cap is not None else s.default_max_tokens
+            if exchange.notes.get("cap") is not None:
+                cap = exchange.notes["cap"]  # an earlier budget rule set (or clamped) it
+            if not self.rule.shadow:
+                # written before reserving: bounded even if the store fails open
+                exchange.set_cap(cap)
+        subject = self.subject(self.key(exchange))
+        copies = plan.completions
         result = await self.store.reserve(subject, s.windows, s.cost(prompt, cap * copies),
                                           self.ttl)
-        if not result.ok and s.on_exhausted == "clamp" and field and not self.rule.shadow \
-                and s.completion_weight > 0:
+        if not result.ok and s.on_exhausted == "clamp" and plan.generates \
+                and not self.rule.shadow and s.completion_weight > 0:
             room = int((min(result.remaining) - s.prompt_weight * prompt)
                        / (s.completion_weight * copies))
             if s.min_tokens <= room < cap:
                 result = await self.store.reserve(subject, s.windows,
                                                   s.cost(prompt, room * copies), self.ttl)
                 if result.ok:
-                    exchange.set_json(field, room)
-        return self._outcome(result, subject)
+                    cap = room
+        if result.ok and plan.generates and not self.rule.shadow:
+            # the upstream must not generate more than was reserved, whatever field it reads
+            exchange.notes["cap"] = cap
+            exchange.set_cap(cap)
+        if result.ok:
+            exchange.notes["reserved_output"] = max(exchange.notes.get("reserved_output", 0),
+                                                    cap * copies)
+        return self._outcome(result, subject, exchange)
 
-    def _outcome(self, result: Reservation, subject: str) -> Outcome:
+    def _outcome(self, result: Reservation, subject: str, exchange: Exchange) -> Outcome:
         i = min(range(len(result.remaining)), key=result.remaining.__getitem__)
         window = self.settings.windows[i]
-        rate = RateHeaders(self.resource, window.limit, result.remaining[i], result.resets[i])
+        # resets are on the store's clock: shift them onto ours for the headers
+        skew = time.time() - result.now
+        rate = RateHeaders(self.resource, window.limit, result.remaining[i],
+                           result.resets[i] + skew)
         if result.ok:
             assert result.lease_id is not None
-            lease = BudgetLease(self.store, subject, result.lease_id, result.amount,
-                                self.settings)
+            lease = BudgetLease(self, exchange, subject, result.lease_id, result.amount)
             return Outcome(allowed=True, rule=self.rule.name, shadow=self.rule.shadow,
                            rate=(rate,), lease=lease)
         short = [j for j, left in enumerate(result.remaining) if left < result.amount]
         reset = max(result.resets[j] for j in short)
+        decided = self.settings.windows[short[0]]
         return Outcome(
             allowed=False, rule=self.rule.name, shadow=self.rule.shadow, rate=(rate,),
-            retry_after=max(0.0, reset - time.time()), kind="tokens", code="insufficient_quota",
+            retry_after=max(0.0, reset - result.now), kind="tokens", code="insufficient_quota",
+            window=f"{decided.limit}/{decided.seconds}s",
             message=f"Token budget exhausted (rule '{self.rule.name}'): this request needs "
                     f"up to {result.amount} tokens, {max(0, min(result.remaining))} are left.",
         )

@@ -39,8 +39,6 @@ from guardproxy.policy.model import Rule
 from guardproxy.policy.reader import Reader
 
 log = logging.getLogger("guardproxy.canary")
-_PATHS = {"openai": ("/chat/completions", "/completions", "/responses"),
-          "anthropic": ("/messages",)}
 MARKS = ("lexical",)
 
 
@@ -80,7 +78,7 @@ def _ledger(reader: Reader) -> LedgerSettings | None:
         sub.problem("a file ledger needs 'path'")
     base = Path(reader.file).parent
     return LedgerSettings(store, base / path if path else None,
-                          sub.typed("max_entries", int, 1_000_000) or 1_000_000)
+                          sub.positive_int("max_entries", 1_000_000))
 
 
 def parse(rule: Reader) -> CanarySettings:
@@ -105,20 +103,10 @@ def parse(rule: Reader) -> CanarySettings:
                           ledger=_ledger(reader))
 
 
-def markable(exchange: Exchange, dialect: str) -> bool:
-    """Only prose answers: not structured output, not logprobs, not other endpoints."""
-    body = exchange.json
-    if body is None or not exchange.path.endswith(_PATHS.get(dialect, ())):
-        return False
-    text = body.get("text")  # the Responses API puts structured output in text.format
-    for fmt in (body.get("response_format"), text.get("format") if isinstance(text, dict)
-                else None):
-        if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
-            return False
-    include = body.get("include")
-    if isinstance(include, list) and any("logprobs" in str(i) for i in include):
-        return False
-    return not (body.get("logprobs") or body.get("top_logprobs"))
+def markable(exchange: Exchange) -> bool:
+    """Only prose answers: a generation endpoint, and neither structured output nor
+    log-probabilities (read once, with checked types, in the request plan)."""
+    return exchange.plan.generates and not exchange.plan.exact
 
 
 def stops_of(body: dict[str, Any]) -> tuple[str, ...]:
@@ -129,12 +117,13 @@ def stops_of(body: dict[str, Any]) -> tuple[str, ...]:
 
 
 def build_ledger(settings: CanarySettings, runtime: Runtime) -> Ledger | None:
+    """The rule's ledger, kept in the state: a reload gets the same one back."""
     if settings.ledger is None:
         return None
-    state = runtime.state
-    return open_ledger(settings.ledger.store, state_uri=state.uri,
-                       key_prefix=state.key_prefix, redis_client=state.redis,
-                       max_entries=settings.ledger.max_entries, path=settings.ledger.path)
+    state, ledger = runtime.state, settings.ledger
+    return state.extra(("ledger", ledger), lambda: open_ledger(
+        ledger.store, state_uri=state.uri, key_prefix=state.key_prefix,
+        redis_client=state.redis, max_entries=ledger.max_entries, path=ledger.path))
 
 
 class CanaryGuard:
@@ -148,7 +137,7 @@ class CanaryGuard:
 
     async def check(self, exchange: Exchange) -> Outcome | None:
         if (self.when is not None and not self.when(exchange.attrs(), exchange.headers)) \
-                or exchange.account is None or not markable(exchange, self.dialect):
+                or exchange.account is None or not markable(exchange):
             return None
         assert exchange.json is not None
         account = exchange.account.id
@@ -168,7 +157,7 @@ class CanaryGuard:
                     request_id=exchange.request_id, time=time.time(),
                     words=len(text.split()), parts=paragraph_hashes(text)))
 
-        stage = CanaryStage(self.dialect, new_marker, record)
+        stage = CanaryStage(self.dialect, new_marker, record, rewrite=enforce)
         return Outcome(allowed=True, rule=self.rule.name, shadow=self.rule.shadow, stage=stage)
 
 

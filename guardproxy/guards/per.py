@@ -3,6 +3,10 @@
 ``header:<name>`` counts per value of a request header. Several keys may be given
 as a list (``per: [account, model]``) and are combined. Later modules add keys
 (``cluster`` with account linkage) by defining their own ``PER_KEYS``.
+
+A request that lacks a key's value (no such header) is counted under the empty value,
+all such requests together: a rule is never skipped because a request left a field out.
+``ip`` counts IPv6 clients per /64, since one subscriber gets a whole /64.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from collections.abc import Callable, Mapping
 
 from guardproxy.exchange import Exchange
 from guardproxy.guards.base import PerKey
+from guardproxy.identity.client_ip import ip_key
 
 
 def _account(ex: Exchange) -> str | None:
@@ -26,7 +31,7 @@ def _tier(ex: Exchange) -> str | None:
 
 
 def _ip(ex: Exchange) -> str | None:
-    return ex.client_ip or None
+    return ip_key(ex.client_ip) if ex.client_ip else None
 
 
 def _model(ex: Exchange) -> str | None:
@@ -52,27 +57,29 @@ def header_key(name: str) -> PerKey:
 
 
 def compile_per(names: tuple[str, ...],
-                known: Mapping[str, PerKey]) -> Callable[[Exchange], str | None]:
-    """One function giving the counter key for a request, or None when a part is absent."""
+                known: Mapping[str, PerKey]) -> Callable[[Exchange], str]:
+    """One function giving the counter key for a request (``account=alice|model=m``)."""
     parts = [header_key(n.partition(":")[2]) if n.startswith("header:") else known[n]
              for n in names]
     labels = tuple(names)
     if len(parts) == 1:
         only, label = parts[0], labels[0]
 
-        def single(ex: Exchange) -> str | None:
-            value = only(ex)
-            return None if value is None else f"{label}={value}"
+        def single(ex: Exchange) -> str:
+            return f"{label}={_escaped(only(ex))}"
 
         return single
 
-    def combined(ex: Exchange) -> str | None:
-        values = []
-        for label, part in zip(labels, parts, strict=True):
-            value = part(ex)
-            if value is None:
-                return None
-            values.append(f"{label}={value}")
-        return "|".join(values)
+    def combined(ex: Exchange) -> str:
+        return "|".join(f"{label}={_escaped(part(ex))}"
+                        for label, part in zip(labels, parts, strict=True))
 
     return combined
+
+
+def _escaped(value: str | None) -> str:
+    """A client-chosen value cannot forge another key's ``|label=`` part."""
+    if not value:
+        return ""
+    return value.replace("%", "%25").replace("|", "%7C") if "|" in value or "%" in value \
+        else value

@@ -6,10 +6,12 @@
       per: account
       strategy: sliding-window     # fixed-window | moving-window | sliding-window
 
-Every window of the rule is hit; the first one that is full denies the request. The
-rate-limit headers describe the rule's shortest window, as OpenAI's and Anthropic's
-requests-per-minute headers do: reading a window's statistics is a second store call
-(a Redis round trip), so the longer windows are read only when they deny.
+A request is admitted in two steps, so that a request denied by one window or one
+rule consumes nothing anywhere: ``check`` reads every window (the first that is full
+denies), and only once every guard of the policy has allowed the request does
+``commit`` hit them. A window that filled up between the two (a concurrent request)
+denies then. The rate-limit headers describe the rule's shortest window, as OpenAI's
+and Anthropic's requests-per-minute headers do.
 """
 
 from __future__ import annotations
@@ -71,34 +73,49 @@ class QuotaGuard:
         if self.when is not None and not self.when(exchange.attrs(), exchange.headers):
             return None
         key = self.key(exchange)
-        if key is None:
-            return None
         try:
-            return await self._hit(key)
+            return await self._test(key)
         except LimitsStorageError as exc:
             raise StoreError(f"quota store unavailable: {exc}") from exc
 
-    async def _hit(self, key: str) -> Outcome:
+    async def _test(self, key: str) -> Outcome:
         name = self.rule.name
         reported: tuple[RateHeaders, ...] = ()
         for item in self.rates:
-            allowed = await self.limiter.hit(item, name, key)
-            if allowed and (self.rule.shadow or item is not self.reported):
-                continue  # no header to fill: skip the second store call
             stats = await self.limiter.get_window_stats(item, name, key)
             rate = RateHeaders("requests", item.amount, stats.remaining, stats.reset_time)
-            if not allowed:
-                log.info("quota %s exceeded for %s (%s)%s", name, key, item,
-                         " [shadow]" if self.rule.shadow else "")
-                return Outcome(
-                    allowed=False, rule=name, shadow=self.rule.shadow, rate=(rate,),
-                    retry_after=max(0.0, stats.reset_time - time.time()),
-                    kind="rate_limit", code="rate_limit_exceeded",
-                    message=f"Rate limit exceeded: {item.amount} requests per "
-                            f"{item.get_expiry()}s (rule '{name}'). Retry later.",
-                )
-            reported = (rate,)
-        return Outcome(allowed=True, rule=name, shadow=self.rule.shadow, rate=reported)
+            if stats.remaining < 1:
+                return self._denial(item, rate, key)
+            if item is self.reported:
+                # the headers show what is left once this request is counted
+                reported = (RateHeaders("requests", item.amount, stats.remaining - 1,
+                                        stats.reset_time),)
+
+        async def commit() -> Outcome | None:
+            try:
+                for item in self.rates:
+                    if not await self.limiter.hit(item, name, key):
+                        stats = await self.limiter.get_window_stats(item, name, key)
+                        return self._denial(item, RateHeaders(
+                            "requests", item.amount, stats.remaining, stats.reset_time), key)
+            except LimitsStorageError as exc:
+                raise StoreError(f"quota store unavailable: {exc}") from exc
+            return None
+
+        return Outcome(allowed=True, rule=name, shadow=self.rule.shadow, rate=reported,
+                       commit=commit)
+
+    def _denial(self, item: RateLimitItem, rate: RateHeaders, key: str) -> Outcome:
+        name = self.rule.name
+        log.debug("quota %s exceeded for %s (%s)%s", name, key, item,
+                  " [shadow]" if self.rule.shadow else "")
+        return Outcome(
+            allowed=False, rule=name, shadow=self.rule.shadow, rate=(rate,),
+            retry_after=max(0.0, rate.reset_at - time.time()),
+            kind="rate_limit", code="rate_limit_exceeded", window=str(item),
+            message=f"Rate limit exceeded: {item.amount} requests per "
+                    f"{item.get_expiry()}s (rule '{name}'). Retry later.",
+        )
 
 
 def build(rule: Rule, runtime: Runtime) -> QuotaGuard:

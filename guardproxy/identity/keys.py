@@ -40,11 +40,14 @@ def new_key() -> str:
 
 def read_accounts(path: Path, env: Mapping[str, str],
                   problems: list[Problem]) -> dict[str, Account]:
+    """The accounts file as key hash -> ``Account``; every problem (file:line) goes to
+    ``problems``, whatever the file holds: this never raises."""
     doc = read_yaml(path, env, problems)
     if doc is None:
         return {}
     if not isinstance(doc, LocDict):
-        problems.append(Problem(str(path), 1, "", "accounts file must be a mapping"))
+        problems.append(Problem(str(path), 1, "", "an accounts file is a mapping: "
+                                "'accounts:' and a list of {id, org, tier, key_sha256}"))
         return {}
     top = Reader(str(path), doc, "", problems)
     top.allow(("accounts",))
@@ -53,7 +56,9 @@ def read_accounts(path: Path, env: Mapping[str, str],
     for r in top.children("accounts"):
         r.allow(("id", "org", "tier", "key_sha256", "attributes"), required=("id",))
         account_id = r.string("id") or ""
-        if account_id in ids:
+        if r.has("id") and not account_id.strip():
+            r.problem("must not be empty", "id")
+        elif account_id in ids:
             r.problem(f"duplicate account id {account_id!r}", "id")
         ids.add(account_id)
         account = Account(

@@ -19,8 +19,9 @@ class Identifier:
         self.trusted = policy.clients.trusted_proxies
         self.dialect = dialect
 
-    def client_ip(self, peer: str, headers: Mapping[str, str]) -> str:
-        return client_ip(peer, headers, self.trusted)
+    def client_ip(self, peer: str, forwarded: str) -> str:
+        """``forwarded``: every X-Forwarded-For line joined (``forwarded_for``)."""
+        return client_ip(peer, forwarded, self.trusted)
 
     def account(self, peer: str, headers: Mapping[str, str]) -> Account:
         if self.trust_header:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,42 +23,44 @@ from guardproxy.policy.model import (
     UpstreamConfig,
 )
 from guardproxy.policy.reader import Reader
-from guardproxy.policy.source import LocDict, read_yaml
+from guardproxy.policy.source import LocDict, LocList, read_yaml
+from guardproxy.policy.values import (
+    has_credentials,
+    header_name,
+    header_value,
+    parse_url,
+    redact_url,
+)
+from guardproxy.policy.values import parse_duration as parse_duration  # re-exported
+from guardproxy.policy.values import parse_size as parse_size  # re-exported
 from guardproxy.state import validate_uri
 from guardproxy.tokens import load_tokenizer
 
 TOP_KEYS = ("version", "upstream", "state", "key_prefix", "accounts", "clients", "admin",
-            "tokenizer", "rules")
+            "tokenizer", "rules", "unguarded")
+UPSTREAM_KEYS = ("url", "dialect", "headers", "timeout", "connect_timeout", "cap_field",
+                 "stream_usage", "max_event_bytes")
 COMMON_RULE_KEYS = ("name", "when", "mode", "per", "on_store_error")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-_SIZE = re.compile(r"^\s*(\d+)\s*(b|kb|kib|mb|mib)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"b": 1, "kb": 1000, "kib": 1024, "mb": 10**6, "mib": 2**20, None: 1}
-
-
-def parse_duration(value: Any) -> float:
-    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
-        return float(value)
-    match = _DURATION.match(str(value))
-    if not match or float(match.group(1)) <= 0:
-        raise ValueError(f"invalid duration {value!r} (expected e.g. 300s, 5m, 250ms)")
-    return float(match.group(1)) * _UNITS[match.group(2)]
-
-
-def parse_size(value: Any) -> int:
-    match = _SIZE.match(str(value))
-    if not match:
-        raise ValueError(f"invalid size {value!r} (expected e.g. 16MiB, 65536)")
-    unit = match.group(2).lower() if match.group(2) else None
-    return int(match.group(1)) * _SIZE_UNITS[unit]
+CAP_FIELDS = ("max_tokens", "max_completion_tokens", "both")
+STREAM_USAGE = ("inject", "never")
+# framing headers belong to the proxy: a fixed value would corrupt every request
+_FRAMING = {"content-length", "transfer-encoding", "connection", "upgrade", "te", "trailer",
+            "keep-alive", "proxy-connection"}
 
 
 def load_policy(path: str | Path, env: Mapping[str, str] | None = None) -> Policy:
+    """Load and validate a policy (and its accounts file).
+
+    Raises ``PolicyError`` carrying every problem found (never an empty list, never
+    another exception, whatever the files contain), sorted by file and line.
+    """
     source = Path(path)
     problems: list[Problem] = []
     policy = _parse(source, os.environ if env is None else env, problems)
     if problems or policy is None:
         main = str(source)
+        if not problems:
+            problems.append(Problem(main, 0, "", "the policy could not be loaded"))
         raise PolicyError(sorted(problems, key=lambda p: (p.file != main, p.file, p.line)))
     return policy
 
@@ -71,10 +72,11 @@ def _parse(source: Path, env: Mapping[str, str], problems: list[Problem]) -> Pol
             problems.append(Problem(str(source), 1, "", "policy file is empty"))
         return None
     if not isinstance(doc, LocDict):
-        problems.append(Problem(str(source), 1, "", "policy must be a mapping"))
+        problems.append(Problem(str(source), 1, "", "policy must be a mapping "
+                                "(version: 1, upstream: …, accounts: …, rules: …)"))
         return None
     top = Reader(str(source), doc, "", problems)
-    top.allow(TOP_KEYS, required=("version", "upstream"))
+    top.allow(TOP_KEYS, required=("version",))
     version = top.typed("version", int)
     if version is not None and version != 1:
         top.problem(f"unsupported version {version} (this guardproxy reads version 1)", "version")
@@ -84,66 +86,119 @@ def _parse(source: Path, env: Mapping[str, str], problems: list[Problem]) -> Pol
     accounts, keys = _accounts(top, source, env)
     clients = _clients(top)
     rules = _rules(top)
-    tokenizer = top.parsed("tokenizer", load_tokenizer, None)
+    tokenizer = top.parsed("tokenizer", _tokenizer, None)
     admin = top.child("admin")
     admin_token = None
     if admin is not None:
         admin.allow(("token",))
         admin_token = admin.string("token") or None
-    if upstream is None:
-        return None
     return Policy(source=source, upstream=upstream, state=state, key_prefix=key_prefix,
                   accounts=accounts, clients=clients, rules=rules, admin_token=admin_token,
-                  keys=keys, tokenizer=tokenizer)
+                  unguarded=_unguarded(top), keys=keys, tokenizer=tokenizer)
 
 
 def _state_uri(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError("must be a URI string such as memory:// or redis://127.0.0.1:6379/0")
-    validate_uri(value)
+    try:
+        validate_uri(value)
+    except ValueError as exc:  # the URI may hold a Redis password: never echo it
+        raise ValueError(str(exc).replace(repr(value), repr(redact_url(value)))) from None
     return value
 
 
-def _url(value: Any) -> str:
-    text = str(value)
-    if not re.match(r"^https?://[^/\s]+", text):
-        raise ValueError(f"must be an http:// or https:// URL, got {text!r}")
-    return text.rstrip("/")
+def _tokenizer(value: Any) -> Any:
+    try:
+        return load_tokenizer(value)
+    except ValueError:
+        raise
+    except Exception as exc:  # importing a module may fail in any way (".x", syntax…)
+        raise ValueError(f"cannot load the tokenizer: {type(exc).__name__}: {exc}") from None
 
 
-def _upstream(top: Reader) -> UpstreamConfig | None:
+def _upstream(top: Reader) -> UpstreamConfig:
+    """``upstream:`` may be left out (embedded use: the wrapped app is the upstream);
+    then the URL is "" and ``guardproxy serve`` asks for one."""
     r = top.child("upstream")
     if r is None:
-        return None
-    r.allow(("url", "dialect", "headers", "timeout", "connect_timeout"), required=("url",))
-    url = r.parsed("url", _url, "")
+        return UpstreamConfig(url="", dialect="openai", headers=(), timeout=300.0,
+                              connect_timeout=10.0)
+    r.allow(UPSTREAM_KEYS)
+    url = r.parsed("url", parse_url, "")
     dialect = r.choice("dialect", DIALECTS, "openai")
-    headers = r.string_map("headers")
+    headers = _headers(r)
+    if url and has_credentials(url) and any(k.lower() == "authorization" for k, _ in headers):
+        r.problem("the URL's user:password and upstream.headers' Authorization would both "
+                  "set Authorization: keep one of them", "url")
+    cap_field = None
+    if r.raw("cap_field") is not None:
+        cap_field = r.choice("cap_field", CAP_FIELDS, CAP_FIELDS[0])
+        if dialect == "anthropic" and cap_field != "max_tokens":
+            r.problem("the anthropic dialect caps output with max_tokens only", "cap_field")
     return UpstreamConfig(
-        url=url, dialect=dialect,
-        headers=tuple((k, v) for k, v in headers.items() if v.strip() not in ("", "Bearer")),
-        timeout=r.parsed("timeout", parse_duration, 300.0),
-        connect_timeout=r.parsed("connect_timeout", parse_duration, 10.0),
+        url=url, dialect=dialect, headers=headers,
+        timeout=r.duration("timeout", 300.0),
+        connect_timeout=r.duration("connect_timeout", 10.0),
+        cap_field=cap_field,
+        stream_usage=r.choice("stream_usage", STREAM_USAGE, "inject"),
+        max_event_bytes=r.size("max_event_bytes", 4 << 20),
     )
+
+
+def _headers(upstream: Reader) -> tuple[tuple[str, str], ...]:
+    """Header name -> value; a value left empty (or a bare "Bearer") is dropped, so that
+    ``Bearer ${KEY:-}`` sends nothing when KEY is unset."""
+    r = upstream.child("headers")
+    if r is None:
+        return ()
+    out: dict[str, tuple[str, str]] = {}
+    for name in r.node:
+        value = r.string(name)
+        try:
+            header_name(name)
+            header_value(value or "")
+        except ValueError as exc:
+            r.problem(str(exc), name)
+            continue
+        if name.lower() in _FRAMING:
+            r.problem("set by the proxy itself; remove it", name)
+        elif name.lower() in out:
+            r.problem(f"duplicate header (also written as {out[name.lower()][0]!r})", name)
+        elif value is not None and value.strip() not in ("", "Bearer"):
+            out[name.lower()] = (name, value)
+    return tuple(out.values())
 
 
 def _accounts(top: Reader, source: Path,
               env: Mapping[str, str]) -> tuple[AccountsConfig, dict[str, Any]]:
     r = top.child("accounts")
     if r is None:
-        top.problem("missing required key 'accounts' (keys: FILE or trust_header: NAME)")
+        if top.raw("accounts") is None:
+            top.problem("missing required key 'accounts' (keys: FILE or trust_header: NAME)")
         return AccountsConfig(None, None), {}
     r.allow(("keys", "trust_header"))
     keys_name = r.string("keys")
     trust = r.string("trust_header")
-    if keys_name is None and trust is None:
+    if keys_name == "":
+        r.problem("must name an accounts file", "keys")
+    if trust is not None:
+        try:
+            header_name(trust)
+        except ValueError as exc:
+            r.problem(str(exc), "trust_header")
+    if not keys_name and not trust:
         r.problem("give 'keys' (an accounts file) or 'trust_header' (or both)")
     keys_file = (source.parent / keys_name) if keys_name else None
     keys = {}
-    if keys_file is not None and not keys_file.is_file():
-        r.problem(f"accounts file not found: {keys_file}", "keys")
-    elif keys_file is not None:
-        keys = read_accounts(keys_file, env, top.problems)
+    if keys_file is not None:
+        try:
+            found = keys_file.is_file()
+        except (OSError, ValueError):  # a name too long for the file system, a NUL…
+            found = False
+        if not found:
+            r.problem(f"accounts file not found: {keys_file}", "keys")
+        else:
+            keys = read_accounts(keys_file, env, top.problems)
     return AccountsConfig(keys_file, trust.lower() if trust else None), keys
 
 
@@ -165,7 +220,19 @@ def _clients(top: Reader) -> ClientsConfig:
             nets.append(_network(value))
         except ValueError as exc:
             r.problem(str(exc), "trusted_proxies")
-    return ClientsConfig(tuple(nets), r.parsed("max_body_bytes", parse_size, 16 * 2**20))
+    return ClientsConfig(tuple(nets), r.size("max_body_bytes", 16 * 2**20))
+
+
+def _unguarded(top: Reader) -> tuple[str, ...]:
+    """Path globs that skip the guards (``/health``, ``/docs``…): each starts with "/"."""
+    paths = top.string_list("unguarded")
+    raw = top.raw("unguarded")
+    for i, path in enumerate(paths):
+        if not path.startswith("/"):
+            line = raw.item_lines[i] if isinstance(raw, LocList) else top.line("unguarded")
+            top.problems.append(Problem(top.file, line, f"unguarded[{i}]",
+                                        f"a path glob must start with '/', got {path!r}"))
+    return paths
 
 
 def _rules(top: Reader) -> tuple[Rule, ...]:
@@ -175,6 +242,8 @@ def _rules(top: Reader) -> tuple[Rule, ...]:
     seen: dict[str, int] = {}
     for r in top.children("rules"):
         name = r.string("name", required=True) or ""
+        if r.has("name") and not name.strip():
+            r.problem("must not be empty", "name")
         if name in seen:
             r.problem(f"duplicate rule name {name!r} (first at line {seen[name]})", "name")
         elif name:
@@ -192,9 +261,9 @@ def _rules(top: Reader) -> tuple[Rule, ...]:
         mode = r.choice("mode", ("enforce", "shadow"), "enforce")
         per: tuple[str, ...] = ()
         if kind.uses_per:
-            per = r.string_list("per") or ("account",)
+            per = r.string_list("per", nonempty=True) or ("account",)
             for p in per:
-                if p not in known_per and not (p.startswith("header:") and len(p) > 7):
+                if p not in known_per and not (p.startswith("header:") and _is_header(p[7:])):
                     r.problem(f"unknown per key {p!r} (expected one of "
                               f"{', '.join(sorted(known_per))}, header:<name>)", "per")
         elif r.has("per"):
@@ -206,14 +275,35 @@ def _rules(top: Reader) -> tuple[Rule, ...]:
     return tuple(rules)
 
 
+def _is_header(name: str) -> bool:
+    try:
+        return bool(header_name(name))
+    except ValueError:
+        return False
+
+
 def _when(rule: Reader) -> Match:
     r = rule.child("when")
     if r is None:
+        if rule.has("when") and rule.raw("when") is None:
+            rule.problem("no conditions: give some or remove 'when'", "when")
         return Match()
     r.allow(MATCH_FIELDS)
-    spec = {f: r.string_list(f) for f in MATCH_FIELDS if f != "header" and r.has(f)}
+    # an empty list would match nothing: the rule would silently never apply
+    spec = {f: r.string_list(f, nonempty=True) for f in MATCH_FIELDS
+            if f != "header" and r.has(f)}
+    for f in spec:
+        if r.raw(f) is None:
+            r.problem("no value: give one (or a list) or remove the key", f)
     headers: dict[str, tuple[str, ...]] = {}
     h = r.child("header")
     if h is not None:
-        headers = {name: h.string_list(name) for name in h.node}
+        for name in h.node:
+            try:
+                header_name(name)
+            except ValueError as exc:
+                h.problem(str(exc), name)
+            if h.raw(name) is None:
+                h.problem("no value: give one, or a glob such as '*'", name)
+            headers[name] = h.string_list(name, nonempty=True)
     return Match.build(spec, headers)

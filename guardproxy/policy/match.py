@@ -57,6 +57,12 @@ class Match:
     def always(self) -> bool:
         return not self.fields and not self.headers
 
+    def could_match(self, attrs: Mapping[str, str | None]) -> bool:
+        """Whether some request with these attributes can match: fields absent from
+        ``attrs`` (model, path, headers…) are taken as able to match, a ``None`` value
+        as unknown (it matches no pattern). For linting: does a rule cover an account?"""
+        return all(pattern(attrs[name]) for name, pattern in self.fields if name in attrs)
+
     def __call__(self, attrs: Mapping[str, str | None], headers: Mapping[str, str]) -> bool:
         for name, pattern in self.fields:
             if not pattern(attrs.get(name)):

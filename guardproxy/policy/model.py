@@ -21,6 +21,14 @@ class UpstreamConfig:
     headers: tuple[tuple[str, str], ...]
     timeout: float
     connect_timeout: float
+    # Which body field(s) carry the output cap the proxy reserves for ("max_tokens",
+    # "max_completion_tokens" or "both"); None: the dialect's default.
+    cap_field: str | None = None
+    # "inject": ask streamed responses for usage (stream_options.include_usage) and hide
+    # the extra chunk; "never": strict upstreams that reject unknown fields.
+    stream_usage: str = "inject"
+    # One SSE event larger than this ends the stream (bytes).
+    max_event_bytes: int = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,8 @@ class Policy:
     clients: ClientsConfig
     rules: tuple[Rule, ...]
     admin_token: str | None = None
+    # paths (shell globs) the guards never see: /health, /docs, /openapi.json …
+    unguarded: tuple[str, ...] = ()
     # sha256 hex of an API key -> account; loaded from accounts.keys
     keys: dict[str, Account] = field(default_factory=dict, compare=False, hash=False)
     # text -> tokens, from the policy's ``tokenizer: module:function`` (None: estimator)

@@ -6,14 +6,19 @@ so that ``guardproxy check`` can show all of them, one line each.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from guardproxy.errors import Problem
-from guardproxy.policy.source import LocDict, LocList
+from guardproxy.policy.source import LocDict, LocList, one_line
+from guardproxy.policy.values import parse_duration, parse_size
 
 T = TypeVar("T")
 _MISSING: Any = object()
+_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+          LocDict: "a mapping", LocList: "a list", type(None): "nothing"}
+_INT = re.compile(r"^\s*[+-]?[0-9]{1,18}\s*$")  # ASCII digits only: int("²") fails
 
 
 class Reader:
@@ -34,7 +39,7 @@ class Reader:
 
     def problem(self, message: str, key: str | None = None) -> None:
         path = self.sub(key) if key else self.path
-        self.problems.append(Problem(self.file, self.line(key), path, message))
+        self.problems.append(Problem(self.file, self.line(key), path, one_line(message)))
 
     # -- structure -----------------------------------------------------------
     def allow(self, keys: Iterable[str], required: Iterable[str] = ()) -> None:
@@ -87,11 +92,15 @@ class Reader:
                 self.problem(f"missing required key '{key}'")
             return default
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)  # type: ignore[return-value]
-        if kind is int and isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            try:
+                return float(value)  # type: ignore[return-value]
+            except OverflowError:
+                self.problem("number out of range", key)
+                return default
+        if kind is int and isinstance(value, str) and _INT.match(value):
             return int(value)  # type: ignore[return-value]
         if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-            self.problem(f"must be a {kind.__name__}, got {type(value).__name__}", key)
+            self.problem(f"must be {_describe(kind)}, got {_describe(type(value))}", key)
             return default
         return value
 
@@ -101,6 +110,25 @@ class Reader:
             return str(value)
         return self.typed(key, str, default, required=required)
 
+    def positive_int(self, key: str, default: int, *, maximum: int = 2**53) -> int:
+        """An integer in [1, maximum] (a digit string is accepted); ``default`` when
+        absent or invalid (and then a problem is recorded)."""
+        value = self.typed(key, int, None)
+        if value is None:
+            return default
+        if not 0 < value <= maximum:
+            self.problem(f"must be an integer from 1 to {maximum}, got {value}", key)
+            return default
+        return value
+
+    def duration(self, key: str, default: float) -> float:
+        """Seconds from ``300s``, ``5m``, ``250ms``, ``2h`` or a number, in (0, 720h]."""
+        return self.parsed(key, parse_duration, default)
+
+    def size(self, key: str, default: int) -> int:
+        """Bytes from ``16MiB``, ``64kb`` or a number, in [1, 1GiB]."""
+        return self.parsed(key, parse_size, default)
+
     def choice(self, key: str, options: Iterable[str], default: str) -> str:
         value = self.string(key, default)
         allowed = tuple(options)
@@ -109,15 +137,20 @@ class Reader:
             return default
         return value
 
-    def string_list(self, key: str) -> tuple[str, ...]:
+    def string_list(self, key: str, *, nonempty: bool = False) -> tuple[str, ...]:
+        """One string or a list of them (integers are taken as text). ``nonempty``:
+        an empty list is a problem (in ``when:`` it would match nothing)."""
         value = self.node.get(key)
         if value is None:
             return ()
         if isinstance(value, str):
             return (value,)
-        if not isinstance(value, list) or not all(isinstance(v, str | int) for v in value):
+        if not isinstance(value, list) or not all(
+                isinstance(v, str | int) and not isinstance(v, bool) for v in value):
             self.problem("must be a string or a list of strings", key)
             return ()
+        if nonempty and not value:
+            self.problem("an empty list: give at least one value or remove the key", key)
         return tuple(str(v) for v in value)
 
     def string_map(self, key: str) -> dict[str, str]:
@@ -145,3 +178,7 @@ class Reader:
         except ValueError as exc:
             self.problem(str(exc), key)
             return default
+
+
+def _describe(kind: type) -> str:
+    return _NAMES.get(kind, kind.__name__)

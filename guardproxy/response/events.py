@@ -1,35 +1,191 @@
-"""The interface every response stage implements.
+"""What response stages see, and the interface every stage implements.
 
-A guard that needs to see the response (a budget settling real usage, a canary
-rewriting text) returns a ``ResponseStage`` in its ``Outcome``. The middleware feeds
-each stage the response as it passes and always calls ``finish`` exactly once:
-after the last byte, on upstream failure, on client disconnect, or when a later
-guard denied the request before it was forwarded.
+A guard that needs the response (a budget settling real usage, a canary marking text,
+later the extraction monitors) returns a ``ResponseStage`` in its ``Outcome``. One
+``ResponseDriver`` (``driver.py``) feeds all of a response's stages from a single
+reading of it: SSE events are framed and parsed once and shared (``SSEEvent``), a JSON
+body is buffered and parsed once (``WholeBody``), anything else passes as bytes.
+``finish`` is called exactly once per stage, with how the exchange ended.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import Any, Protocol
+
+from guardproxy.response.sse import encode_event, event_fields
+
+Headers = list[tuple[bytes, bytes]]
+_UNPARSED: Any = object()
 
 
 class Ending(Enum):
-    COMPLETED = "completed"      # the whole response reached the client
-    DENIED = "denied"            # a later guard refused the request; nothing was forwarded
-    UPSTREAM_FAILED = "upstream_failed"
-    DISCONNECTED = "disconnected"
+    COMPLETED = "completed"          # the whole response reached the client
+    DENIED = "denied"                # a guard refused the request; nothing was forwarded
+    CANCELLED = "cancelled"          # the client left before any of the response
+    UPSTREAM_FAILED = "upstream_failed"  # no response: the client got an error instead
+    TRUNCATED = "truncated"          # the upstream broke off mid-response (or overran a bound)
+    DISCONNECTED = "disconnected"    # the client left mid-response
+
+
+class BodyKind(Enum):
+    EVENTS = "events"    # text/event-stream: stages see SSEEvents
+    JSON = "json"        # buffered whole and parsed once: stages see a WholeBody
+    OTHER = "other"      # audio, images, unknown encodings…: stages see only sizes
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseHead:
+    status: int
+    headers: Headers
+    kind: BodyKind
+    text: bool           # a text body (JSON, SSE, text/*): its size says something of tokens
+    encoded: bool        # a content-encoding the proxy cannot read
+
+
+class SSEEvent:
+    """One event as framed (``raw``), parsed at most once however many stages read it.
+    A stage changes what the client gets with ``replace``/``drop``/``insert_before``."""
+
+    __slots__ = ("_data", "_json", "_name", "before", "out", "raw", "terminated")
+
+    def __init__(self, raw: bytes, terminated: bool = True) -> None:
+        self.raw = raw
+        self.terminated = terminated    # False: the stream ended inside this event
+        self.out: bytes | None = None   # None: unchanged; b"": dropped
+        self.before = b""
+        self._name: str | None = None
+        self._data = ""
+        self._json: Any = _UNPARSED
+
+    def _fields(self) -> None:
+        if self._name is None:
+            self._name, self._data = event_fields(self.raw if self.out is None else self.out)
+
+    @property
+    def name(self) -> str:
+        self._fields()
+        assert self._name is not None
+        return self._name
+
+    @property
+    def data(self) -> str:
+        self._fields()
+        return self._data
+
+    @property
+    def json(self) -> Any:
+        """The data as JSON (parsed on first use), or None."""
+        if self._json is _UNPARSED:
+            data = self.data
+            try:
+                self._json = json.loads(data) if data and data != "[DONE]" else None
+            except ValueError:
+                self._json = None
+        return self._json
+
+    @property
+    def dropped(self) -> bool:
+        return self.out == b""
+
+    def replace(self, obj: Any) -> None:
+        """Send ``obj`` (the event's JSON, changed) instead of the upstream's bytes."""
+        self.out = encode_event(self.name, obj)
+
+    def drop(self) -> None:
+        self.out = b""
+
+    def insert_before(self, data: bytes) -> None:
+        self.before += data
+
+    def output(self) -> bytes:
+        body = self.raw if self.out is None else self.out
+        return self.before + body if self.before else body
+
+    def restore(self, out: bytes | None, before: bytes) -> None:
+        """Undo a stage that failed: its bytes, and its changes to the shared parse
+        (read again, from the bytes as they now are, when next asked for)."""
+        self.out, self.before = out, before
+        self._name, self._json = None, _UNPARSED
+
+
+class WholeBody:
+    """A non-streamed JSON body, buffered whole; parsed at most once."""
+
+    __slots__ = ("_json", "out", "raw")
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        self.out: bytes | None = None
+        self._json: Any = _UNPARSED
+
+    @property
+    def json(self) -> Any:
+        if self._json is _UNPARSED:
+            try:
+                self._json = json.loads(self.raw if self.out is None else self.out)
+            except ValueError:
+                self._json = None
+        return self._json
+
+    def restore(self, out: bytes | None) -> None:
+        """Undo a stage that failed: its bytes and its changes to the shared parse."""
+        self.out, self._json = out, _UNPARSED
+
+    def replace(self, obj: Any) -> None:
+        self.out = json.dumps(obj, ensure_ascii=False,
+                              separators=(",", ":")).encode("utf-8", "surrogatepass")
+
+    def output(self) -> bytes:
+        return self.raw if self.out is None else self.out
 
 
 class ResponseStage(Protocol):
-    def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        """Called with the upstream status and headers before they are sent."""
+    def start(self, head: ResponseHead) -> bool:
+        """The response's status and headers, before they are sent; False when the
+        stage has nothing to do with this response (it is still finished)."""
         ...
 
-    def chunk(self, data: bytes, final: bool) -> bytes:
-        """See (and possibly rewrite) one body chunk; return what the client gets.
-        ``final`` marks the last chunk: anything held back must be returned then."""
+    def event(self, event: SSEEvent) -> None:
+        """See (and possibly change) one stream event."""
+        ...
+
+    def end(self) -> bytes:
+        """The stream is ending: events to send before its end (held-back text)."""
+        ...
+
+    def whole(self, body: WholeBody) -> None:
+        """See (and possibly change) a whole JSON body."""
+        ...
+
+    def other(self, size: int) -> None:
+        """``size`` more bytes of a body the driver does not parse passed."""
         ...
 
     async def finish(self, ending: Ending) -> None:
         """Settle whatever the stage holds; called exactly once."""
         ...
+
+
+class BaseStage:
+    """Defaults for stages that need only some of the hooks."""
+
+    def start(self, head: ResponseHead) -> bool:
+        return True
+
+    def event(self, event: SSEEvent) -> None:
+        return None
+
+    def end(self) -> bytes:
+        return b""
+
+    def whole(self, body: WholeBody) -> None:
+        return None
+
+    def other(self, size: int) -> None:
+        return None
+
+    async def finish(self, ending: Ending) -> None:
+        return None

@@ -1,47 +1,86 @@
 """Server-sent events framing that never re-encodes: events are cut out of the byte
-stream as they are (``\\n\\n`` or ``\\r\\n\\r\\n`` terminated) so anything a stage does
-not change reaches the client byte-identical."""
+stream as they are, so anything a stage does not change reaches the client
+byte-identical.
+
+An event ends at a blank line; lines end in CRLF, LF or CR and in nothing else
+(the SSE spec: U+2028, U+2029 and U+0085 inside data are text, not line breaks).
+Cost is linear in the stream: the framer remembers how far it has searched, so one
+large event arriving in many reads is scanned once. An event larger than the bound
+raises ``EventTooLarge``.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
+
+_EOL = re.compile(rb"\r\n|\r|\n")
+_LINE = re.compile(r"\r\n|\r|\n")
+
+
+class EventTooLarge(Exception):
+    """One SSE event exceeded ``max_event_bytes`` without ending."""
 
 
 class SSEFramer:
     """Splits a byte stream into whole events; holds back only a trailing partial event."""
 
-    def __init__(self) -> None:
-        self.pending = b""
+    __slots__ = ("buffer", "limit", "line", "pos")
+
+    def __init__(self, max_event_bytes: int = 4 << 20) -> None:
+        self.buffer = bytearray()
+        self.pos = 0           # every line end before this offset has been read
+        self.line = 0          # where the current line starts
+        self.limit = max_event_bytes
 
     def feed(self, data: bytes) -> list[bytes]:
-        buf = self.pending + data if self.pending else data
-        events = []
-        start = 0
+        buf = self.buffer
+        buf += data
+        events: list[bytes] = []
+        start, line, pos = 0, self.line, self.pos
         while True:
-            end = buf.find(b"\n\n", start)
-            crlf = buf.find(b"\r\n\r\n", start)
-            if crlf != -1 and (end == -1 or crlf < end):
-                end, size = crlf, 4
-            else:
-                size = 2
-            if end == -1:
+            found = _EOL.search(buf, pos)
+            if found is None:
+                pos = len(buf)
                 break
-            events.append(buf[start:end + size])
-            start = end + size
-        self.pending = buf[start:]
+            if found.end() == len(buf) and buf[found.start()] == 0x0D:
+                pos = found.start()   # CR or CRLF: the next read tells
+                break
+            if found.start() == line:  # an empty line ends the event
+                events.append(bytes(buf[start:found.end()]))
+                start = found.end()
+            line = pos = found.end()
+        if start:
+            del buf[:start]
+            line, pos = line - start, pos - start
+        self.line, self.pos = line, pos
+        if len(buf) > self.limit:
+            raise EventTooLarge(f"an SSE event exceeded {self.limit} bytes")
         return events
 
     def flush(self) -> bytes:
-        rest, self.pending = self.pending, b""
+        """What is left: an event the stream ended without terminating, or nothing."""
+        rest = bytes(self.buffer)
+        self.buffer.clear()
+        self.line = self.pos = 0
         return rest
+
+
+def ends_event(data: bytes) -> bool:
+    """Whether ``data`` ends with a blank line (so more bytes start a new event)."""
+    for eol in (b"\r\n", b"\n", b"\r"):
+        if data.endswith(eol):
+            rest = data[:-len(eol)]
+            return not rest or rest.endswith((b"\n", b"\r"))
+    return False
 
 
 def event_fields(block: bytes) -> tuple[str, str]:
     """(event name, data) of one event block; data lines are joined with newlines."""
     name = ""
     data: list[str] = []
-    for raw in block.decode("utf-8", "replace").splitlines():
+    for raw in _LINE.split(block.decode("utf-8", "replace")):
         field, _, value = raw.partition(":")
         value = value[1:] if value.startswith(" ") else value
         if field == "data":
@@ -60,3 +99,10 @@ def event_json(block: bytes) -> tuple[str, Any]:
         return name, json.loads(data)
     except ValueError:
         return name, None
+
+
+def encode_event(name: str, obj: Any) -> bytes:
+    """One event, as upstreams write them (the name line only when named)."""
+    head = f"event: {name}\n" if name else ""
+    data = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return f"{head}data: {data}\n\n".encode("utf-8", "surrogatepass")

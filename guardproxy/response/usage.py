@@ -2,32 +2,42 @@
 
 It reads usage from every response shape the dialect knows (JSON ``usage``, OpenAI
 ``include_usage`` chunks, Anthropic ``message_start`` + ``message_delta``), hides the
-usage chunk the proxy itself asked for, and falls back to estimating the streamed
-text when a response carries no usage — never zero.
+usage chunk the proxy itself asked for, and falls back to estimating the text the
+client received when a response carries no final usage — never zero for text.
+
+Counts are merged, never overwritten: a later event with a smaller or zero field (an
+Anthropic ``message_delta`` with ``input_tokens: 0``, as SGLang sends) cannot lower what
+an earlier one reported, and a reported output of 0 beside streamed text is estimated.
+A body the proxy cannot read (a non-text body such as audio, an unknown
+content-encoding) without reported usage is charged the whole output cap reserved,
+never by its byte size.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from guardproxy.response.events import Ending
-from guardproxy.response.sse import SSEFramer, event_json
+from guardproxy.response.events import (
+    BaseStage,
+    Ending,
+    ResponseHead,
+    SSEEvent,
+    WholeBody,
+)
 from guardproxy.tokens import BYTES_PER_TOKEN
 
 if TYPE_CHECKING:
     from guardproxy.dialects.base import Dialect
 
 log = logging.getLogger("guardproxy.usage")
-_JSON_LIMIT = 8 << 20  # larger non-streamed bodies are estimated, not parsed
-# Only events that mention usage are parsed; the text of the others is measured from
-# the raw JSON string values (escapes count as written: a slight over-estimate).
+# Only events that mention usage are parsed here; the text of the others is measured
+# from the raw JSON string values (escapes count as written: a slight over-estimate).
 _USAGE = b'"usage"'
-_TEXT = re.compile(rb'"(?:content|text|partial_json|thinking|delta|arguments)"'
-                   rb'\s*:\s*"((?:[^"\\]|\\.)*)"')
+_TEXT = re.compile(rb'"(?:content|text|partial_json|thinking|delta|arguments|refusal)"'
+                   rb'\s*:\s*"((?:[^"\\]++|\\.)*+)"')
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,87 +48,103 @@ class Usage:
 
 
 class Tally:
-    """What has been read of a response so far (filled in by the dialect)."""
+    """What has been read of a response so far (filled in by the dialect). Each count
+    only grows. ``completion`` is the largest count that covers the whole answer (an
+    OpenAI usage chunk, an Anthropic ``message_delta``), ``floor`` the largest partial
+    one (``message_start``); ``final`` says whether a whole-answer count was seen."""
 
-    __slots__ = ("completion", "prompt", "seen", "text_bytes")
+    __slots__ = ("completion", "final", "floor", "prompt", "prompt_seen", "seen",
+                 "text_bytes")
 
     def __init__(self) -> None:
         self.prompt = 0
+        self.prompt_seen = False
         self.completion = 0
+        self.floor = 0
+        self.final = False
         self.seen = False
         self.text_bytes = 0
 
-    def report(self, prompt: int | None, completion: int | None) -> None:
+    def report(self, prompt: int | None, completion: int | None, final: bool = True) -> None:
         self.seen = True
-        if prompt is not None:
-            self.prompt = prompt
-        if completion is not None:
-            self.completion = completion
+        if prompt is not None and prompt >= 0:
+            self.prompt = max(self.prompt, prompt)
+            self.prompt_seen = True
+        if completion is not None and completion >= 0:
+            if final:
+                self.completion = max(self.completion, completion)
+                self.final = True
+            else:
+                self.floor = max(self.floor, completion)
 
 
 class Lease(Protocol):
-    """A budget reservation that follows the response."""
+    """A budget reservation that follows the response; ``ttl`` in seconds."""
+
+    ttl: float
+
+    async def renew(self) -> None: ...
 
     async def close(self, usage: Usage, ending: Ending, status: int) -> None: ...
 
 
-class UsageMeter:
+class UsageMeter(BaseStage):
     def __init__(self, dialect: Dialect, leases: list[Lease], prompt_estimate: int,
-                 hide_usage_chunk: bool) -> None:
+                 hide_usage_chunk: bool, reserved_output: int) -> None:
         self.dialect = dialect
         self.leases = leases
         self.prompt_estimate = prompt_estimate
         self.hide_usage_chunk = hide_usage_chunk
+        self.reserved_output = reserved_output
         self.tally = Tally()
-        self.status = 0
-        self.framer: SSEFramer | None = None
-        self.body: list[bytes] = []
-        self.body_size = 0
+        self.head: ResponseHead | None = None
+        self.other_bytes = 0
 
-    def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        self.status = status
-        for name, value in headers:
-            if name.lower() == b"content-type" and value.startswith(b"text/event-stream"):
-                self.framer = SSEFramer()
+    def start(self, head: ResponseHead) -> bool:
+        self.head = head
+        return True
 
-    def chunk(self, data: bytes, final: bool) -> bytes:
-        if self.framer is None:
-            if self.body_size + len(data) <= _JSON_LIMIT:
-                self.body.append(data)
-            self.body_size += len(data)
-            return data
-        out = []
-        for block in self.framer.feed(data):
-            if _USAGE not in block:
-                self.tally.text_bytes += sum(len(m) for m in _TEXT.findall(block))
-                out.append(block)
-                continue
-            name, obj = event_json(block)
-            if obj is not None and self.dialect.read_event(name, obj, self.tally) \
-                    and self.hide_usage_chunk:
-                continue
-            out.append(block)
-        if final:
-            out.append(self.framer.flush())
-        return b"".join(out)
+    def event(self, event: SSEEvent) -> None:
+        if _USAGE not in event.raw:
+            self.tally.text_bytes += sum(len(m) for m in _TEXT.findall(event.raw))
+            return
+        obj = event.json
+        if isinstance(obj, dict) and self.dialect.read_event(event.name, obj, self.tally) \
+                and self.hide_usage_chunk:
+            event.drop()
+
+    def whole(self, body: WholeBody) -> None:
+        obj = body.json
+        if isinstance(obj, dict):
+            self.dialect.read_json(obj, self.tally)
+        if not self.tally.final:
+            self.tally.text_bytes += sum(len(m) for m in _TEXT.findall(body.raw))
+
+    def other(self, size: int) -> None:
+        self.other_bytes += size
 
     def usage(self) -> Usage:
-        if self.framer is None and self.body and self.body_size <= _JSON_LIMIT:
-            try:
-                obj = json.loads(b"".join(self.body))
-            except ValueError:
-                obj = None
-            if isinstance(obj, dict):
-                self.dialect.read_json(obj, self.tally)
-        if self.tally.seen:
-            return Usage(self.tally.prompt, self.tally.completion)
-        text = self.tally.text_bytes if self.framer is not None else self.body_size
-        return Usage(self.prompt_estimate, -(-text // BYTES_PER_TOKEN), reported=False)
+        t, head = self.tally, self.head
+        # usage that says 0 tokens came out beside text that did is no report at all
+        bogus = t.final and not t.completion and t.text_bytes > 0
+        prompt = t.prompt if t.prompt_seen and not bogus else self.prompt_estimate
+        if t.final and not bogus:
+            return Usage(prompt, max(t.completion, t.floor))
+        if head is not None and not head.text:
+            # audio, images, unknown encodings: the size says nothing of tokens, and the
+            # upstream may have generated all it was allowed to
+            completion = self.reserved_output
+        elif self.other_bytes:  # text passed unparsed (too large to hold)
+            completion = -(-self.other_bytes // BYTES_PER_TOKEN)
+        else:
+            completion = -(-t.text_bytes // BYTES_PER_TOKEN)
+        return Usage(prompt, max(t.floor, completion), reported=False)
 
     async def finish(self, ending: Ending) -> None:
-        usage = self.usage() if ending is not Ending.DENIED else Usage(0, 0, False)
+        usage = self.usage() if self.head is not None else Usage(0, 0, False)
+        status = self.head.status if self.head is not None else 0
         for lease in self.leases:
             try:
-                await lease.close(usage, ending, self.status)
+                await lease.close(usage, ending, status)
             except Exception:  # one failing store must not keep others from settling
                 log.exception("settling a budget lease failed")

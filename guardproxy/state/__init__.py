@@ -6,13 +6,15 @@
     redis+sentinel://h:p/service   Redis Sentinel
 
 Quota counters live in a ``limits`` async storage; token budgets in a ``BudgetStore``
-(``state/budgets.py``) opened from the same URI.
+(``state/budgets.py``) opened from the same URI. Settles that fail while the store is
+down go through ``State.settles`` (``state/retry.py``), which queues and retries them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from limits.aio.storage import Storage
 from limits.errors import ConfigurationError
@@ -20,7 +22,9 @@ from limits.storage import storage_from_string
 
 from guardproxy.state.budgets import BudgetStore, MemoryBudgetStore, RedisBudgetStore
 from guardproxy.state.redis_client import redis_from_uri
+from guardproxy.state.retry import SettleRetry
 
+T = TypeVar("T")
 SCHEMES = ("memory", "redis", "rediss", "redis+unix", "redis+cluster", "redis+sentinel")
 
 
@@ -44,6 +48,17 @@ class State:
     limits: Storage
     budgets: BudgetStore
     redis: Any = None       # the redis-py asyncio client, when the state is Redis
+    settles: SettleRetry = field(default_factory=SettleRetry)  # failed settles, retried
+    # stores opened by rule kinds (canary ledgers), kept across reloads: a rebuilt
+    # pipeline gets the same object back, so a memory:// ledger is never reset
+    extras: dict[Hashable, Any] = field(default_factory=dict)
+
+    def extra(self, key: Hashable, open_: Callable[[], T]) -> T:
+        """The store kept under ``key``, opened by ``open_()`` the first time."""
+        if key not in self.extras:
+            self.extras[key] = open_()
+        found: T = self.extras[key]
+        return found
 
     @property
     def shared(self) -> bool:
@@ -51,6 +66,7 @@ class State:
         return scheme_of(self.uri) != "memory"
 
     async def aclose(self) -> None:
+        await self.settles.aclose()  # its last attempts need the budget store still open
         await self.budgets.aclose()
         bridge: Any = getattr(self.limits, "bridge", None)
         close = getattr(getattr(bridge, "storage", None), "aclose", None)

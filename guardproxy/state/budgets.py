@@ -1,10 +1,17 @@
 """Token budget storage: reserve before a call, settle after it.
 
 A reservation is a lease with a TTL held in every window of the budget at once; it is
-settled with the real usage (idempotently) or released. Expired leases are reclaimed
-by the next reservation on the same subject, so a replica that died mid-request holds
-budget only until its lease expires. ``memory://`` implements the same semantics in
-process; Redis does it in one Lua call per operation (``lua/budget_*.lua``).
+settled with the real usage (idempotently) or released, and renewed while a long
+response streams. Expired leases are reclaimed by the next reservation on the same
+subject, so a replica that died mid-request holds budget only until its lease expires.
+``memory://`` implements the same semantics in process; Redis does it in one Lua call
+per operation (``lua/*.lua``).
+
+Time: on Redis every instant (window index, reset, lease deadline) is read from the
+store's clock (``TIME``) inside the scripts, so replicas whose clocks disagree still
+count into the same windows and never reclaim each other's live leases. ``now`` on a
+``Reservation`` or ``WindowState`` is that clock at the operation: render relative
+times (Retry-After, reset-in) as ``reset - now``, not against the local clock.
 """
 
 from __future__ import annotations
@@ -12,7 +19,8 @@ from __future__ import annotations
 import heapq
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
@@ -39,7 +47,8 @@ class WindowState:
     limit: int
     used: int
     reserved: int
-    reset_at: float
+    reset_at: float             # unix time on the store's clock
+    now: float = field(default_factory=time.time)  # the store's clock when read
 
     @property
     def remaining(self) -> int:
@@ -51,8 +60,9 @@ class Reservation:
     ok: bool
     amount: int
     remaining: list[int]        # per window, after this reservation (or as found, if refused)
-    resets: list[float]
+    resets: list[float]         # per window, unix time it resets on the store's clock
     lease_id: str | None = None
+    now: float = field(default_factory=time.time)  # the store's clock at the reservation
 
 
 class BudgetStore(ABC):
@@ -65,6 +75,12 @@ class BudgetStore(ABC):
         """Charge ``actual`` tokens and drop the reservation; False if already settled."""
 
     @abstractmethod
+    async def renew(self, subject: str, lease_id: str, ttl: float) -> bool:
+        """Push a still-reserved lease's deadline to now + ``ttl`` seconds (never earlier
+        than it was); False if the lease is unknown, settled, or already past its deadline
+        (reclaimed or about to be: its late settle still charges, exactly once)."""
+
+    @abstractmethod
     async def usage(self, subject: str, windows: tuple[Window, ...]) -> list[WindowState]: ...
 
     async def aclose(self) -> None:
@@ -73,9 +89,11 @@ class BudgetStore(ABC):
 
 class MemoryBudgetStore(BudgetStore):
     """One process's budgets. Every method runs without awaiting, so each is atomic
-    on the event loop, as the Lua scripts are on Redis."""
+    on the event loop, as the Lua scripts are on Redis. ``clock`` gives unix seconds
+    (injectable for tests)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
         self.windows: dict[str, list[int]] = {}              # key -> [used, reserved]
         self.expiry: dict[str, float] = {}                   # key -> when it may be dropped
         # lease id -> (state r|x, tokens held, window keys, deadline); deleted when settled
@@ -113,7 +131,7 @@ class MemoryBudgetStore(BudgetStore):
 
     async def reserve(self, subject: str, windows: tuple[Window, ...], amount: int,
                       ttl: float) -> Reservation:
-        now = time.time()
+        now = self.clock()
         self._sweep(now)
         keys, resets, remaining = [], [], []
         for w in windows:
@@ -124,13 +142,14 @@ class MemoryBudgetStore(BudgetStore):
             resets.append(reset)
             remaining.append(w.limit - used - reserved)
         if any(left < amount for left in remaining):
-            return Reservation(False, amount, remaining, resets)
+            return Reservation(False, amount, remaining, resets, None, now)
         for key, reset in zip(keys, resets, strict=True):
             self.windows.setdefault(key, [0, 0])[1] += amount
             self.expiry[key] = reset + GRACE
         lease_id = self.new_lease_id()
         self._hold(lease_id, ("r", amount, tuple(keys), now + ttl))
-        return Reservation(True, amount, [r - amount for r in remaining], resets, lease_id)
+        return Reservation(True, amount, [r - amount for r in remaining], resets, lease_id,
+                           now)
 
     async def settle(self, subject: str, lease_id: str, actual: int) -> bool:
         lease = self.leases.pop(lease_id, None)
@@ -145,78 +164,92 @@ class MemoryBudgetStore(BudgetStore):
                 window[0] += actual
         return True
 
+    async def renew(self, subject: str, lease_id: str, ttl: float) -> bool:
+        now = self.clock()
+        lease = self.leases.get(lease_id)
+        if lease is None or lease[0] != "r" or lease[3] <= now:
+            return False
+        if now + ttl > lease[3]:
+            self._hold(lease_id, (*lease[:3], now + ttl))  # the old heap entry goes stale
+        return True
+
     async def usage(self, subject: str, windows: tuple[Window, ...]) -> list[WindowState]:
-        now = time.time()
+        now = self.clock()
         self._sweep(now)
         out = []
         for w in windows:
             index, reset = w.bounds(now)
             used, reserved = self.windows.get(self._key(subject, w, index), (0, 0))
-            out.append(WindowState(w.limit, used, reserved, reset))
+            out.append(WindowState(w.limit, used, reserved, reset, now))
         return out
 
 
-def _script(name: str) -> str:
-    return resources.files("guardproxy.state").joinpath(f"lua/{name}").read_text("utf-8")
+def _script(*names: str) -> str:
+    return "\n".join(resources.files("guardproxy.state").joinpath(f"lua/{name}")
+                     .read_text("utf-8") for name in names)
+
+
+def _store_time(seconds: bytes | str | int, micros: bytes | str | int) -> float:
+    return int(seconds) + int(micros) / 1e6
 
 
 class RedisBudgetStore(BudgetStore):
+    """Budgets in Redis, Sentinel or Cluster: one Lua call per operation. Every instant
+    comes from the store's clock inside the scripts; this class reads no local clock.
+    All of a subject's keys share the hash tag ``{subject}``: one Cluster slot."""
+
     def __init__(self, client: Any, prefix: str) -> None:
         self.client = client
         self.prefix = prefix
-        self._reserve = client.register_script(_script("budget_reserve.lua"))
+        self._reserve = client.register_script(_script("lease_common.lua",
+                                                       "budget_reserve.lua"))
+        self._usage = client.register_script(_script("lease_common.lua", "budget_usage.lua"))
         self._settle = client.register_script(_script("budget_settle.lua"))
+        self._renew = client.register_script(_script("lease_renew.lua"))
         self.new_lease_id = IdSource()
 
     def _tag(self, subject: str) -> str:
         # one hash tag per subject: all its keys live in one Redis Cluster slot
         return f"{self.prefix}:budget:{{{subject}}}"
 
-    def _window_key(self, subject: str, w: Window, index: int) -> str:
-        return f"{self._tag(subject)}:w{w.seconds}:{index}"
+    def _keys(self, subject: str, windows: tuple[Window, ...] = ()) -> list[str]:
+        """Leases hash, deadlines zset, then each window's key prefix: the script appends
+        ``:<index>`` from the store's clock."""
+        tag = self._tag(subject)
+        return [f"{tag}:leases", f"{tag}:deadlines", *(f"{tag}:w{w.seconds}" for w in windows)]
+
+    async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await script(keys=keys, args=args)
+        except RedisError as exc:
+            raise StoreError(f"budget store unavailable: {exc}") from exc
 
     async def reserve(self, subject: str, windows: tuple[Window, ...], amount: int,
                       ttl: float) -> Reservation:
-        now = time.time()
-        tag = self._tag(subject)
-        keys, resets, args = [f"{tag}:leases", f"{tag}:deadlines"], [], []
-        for w in windows:
-            index, reset = w.bounds(now)
-            keys.append(self._window_key(subject, w, index))
-            resets.append(reset)
-            args += [w.limit, int(reset - now + GRACE)]
         lease_id = self.new_lease_id()
-        try:
-            result = await self._reserve(keys=keys, args=[amount, lease_id, now, ttl,
-                                                          GRACE, *args])
-        except RedisError as exc:
-            raise StoreError(f"budget store unavailable: {exc}") from exc
+        limits = [x for w in windows for x in (w.limit, w.seconds)]
+        result = await self._call(self._reserve, self._keys(subject, windows),
+                                  [amount, lease_id, ttl, GRACE, *limits])
+        n = len(windows)
         ok = bool(result[0])
-        return Reservation(ok, amount, [int(r) for r in result[1:]], resets,
-                           lease_id if ok else None)
+        return Reservation(ok, amount, [int(r) for r in result[3:3 + n]],
+                           [float(r) for r in result[3 + n:3 + 2 * n]],
+                           lease_id if ok else None, _store_time(result[1], result[2]))
 
     async def settle(self, subject: str, lease_id: str, actual: int) -> bool:
-        tag = self._tag(subject)
-        try:
-            result = await self._settle(keys=[f"{tag}:leases", f"{tag}:deadlines"],
-                                        args=[lease_id, actual, time.time(), GRACE])
-        except RedisError as exc:
-            raise StoreError(f"budget store unavailable: {exc}") from exc
-        return bool(result)
+        return bool(await self._call(self._settle, self._keys(subject), [lease_id, actual]))
+
+    async def renew(self, subject: str, lease_id: str, ttl: float) -> bool:
+        return bool(await self._call(self._renew, self._keys(subject),
+                                     [lease_id, ttl, GRACE]))
 
     async def usage(self, subject: str, windows: tuple[Window, ...]) -> list[WindowState]:
-        now = time.time()
-        out = []
-        try:
-            for w in windows:
-                index, reset = w.bounds(now)
-                used, reserved = await self.client.hmget(
-                    self._window_key(subject, w, index), "used", "reserved")
-                out.append(WindowState(w.limit, int(used or 0), int(reserved or 0), reset))
-        except RedisError as exc:
-            raise StoreError(f"budget store unavailable: {exc}") from exc
-        return out
+        result = await self._call(self._usage, self._keys(subject, windows),
+                                  [GRACE, *(w.seconds for w in windows)])
+        now = _store_time(result[0], result[1])
+        return [WindowState(w.limit, int(result[2 + 3 * i]), int(result[3 + 3 * i]),
+                            float(result[4 + 3 * i]), now)
+                for i, w in enumerate(windows)]
 
     async def aclose(self) -> None:
         await self.client.aclose()
-

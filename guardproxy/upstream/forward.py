@@ -6,25 +6,64 @@ encode/httpx#3215; see bench/). ``UpstreamApp`` plays the client: it builds each
 and hands it straight to the transport, because a proxy needs none of ``AsyncClient``'s
 per-response behaviour — no redirects, no auth flows, and above all no cookie jar shared
 by every caller (httpx offers each response to its jar, and wrapping it for the jar alone
-cost ~5% of a proxied request's CPU). httpx and aiohttp errors are translated here into
-``UpstreamError`` / ``UpstreamTimeout``. Streamed bodies are relayed chunk by chunk, and
-the upstream response is always closed in this module's own ``finally`` — on completion,
-error or client disconnect.
+cost ~5% of a proxied request's CPU).
+
+What it guarantees to the middleware around it:
+
+* Every transport failure is translated here (``failures.py``): ``UpstreamError`` /
+  ``UpstreamTimeout`` before ``http.response.start`` was sent, ``UpstreamInterrupted``
+  after; never an aiohttp, OS or exception-group error. Messages are generic; details go
+  to the ``guardproxy.upstream`` log with credentials redacted. A request target that is
+  not origin-form raises ``RequestError`` (400) and is never glued onto the base URL.
+* A request that certainly never reached the upstream (its pooled connection was found
+  closing at the first write) is sent once more, if its body is replayable bytes.
+* The client going away (``http.disconnect``) while the upstream is still to answer, or
+  mid-body, cancels the upstream request and closes its connection; then nothing more
+  is sent and nothing is raised.
+* Bodies are relayed decoded (``encoding.py``, ``relay.py``); the upstream response is
+  always closed in this module's own ``finally``.
+* Credentials in the upstream URL (``http://user:pass@host``) become an
+  ``Authorization: Basic`` header, so that no URL handed to the transport holds them;
+  the client's credentials, cookies and hop-by-hop headers never go upstream, and the
+  upstream's cookies, auth challenges and echoed credentials never come back
+  (``headers.py``).
+* A WebSocket is refused (the guards never see one): HTTP 501 where the server supports
+  the ``websocket.http.response`` extension, else close code 1008 (the server answers 403).
 """
 
 from __future__ import annotations
 
+import base64
+import logging
+import re
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from functools import partial
+from urllib.parse import quote
 
 import anyio
 import httpx
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
-from guardproxy.errors import UpstreamError, UpstreamTimeout
+from guardproxy.errors import RequestError, UpstreamError
 from guardproxy.policy.model import UpstreamConfig
-from guardproxy.upstream.headers import request_headers, response_headers
+from guardproxy.upstream.failures import (
+    before_response,
+    describe,
+    known,
+    mid_response,
+    never_sent,
+)
+from guardproxy.upstream.headers import request_headers
+from guardproxy.upstream.relay import Relay, Translate
 
-_BUFFER_LIMIT = 1 << 20  # non-streamed bodies up to this size are sent in one message
+log = logging.getLogger("guardproxy.upstream")
+_CLOSE_TIMEOUT = 5.0  # seconds to wait for a closing upstream response, even when cancelled
+_BAD_TARGET = re.compile(rb"[\x00-\x20\x7f#\\]")
+_DOT_SEGMENTS = frozenset({b".", b"..", b"%2e", b".%2e", b"%2e.", b"%2e%2e"})
+_NON_ASCII = re.compile(rb"[\x80-\xff]")
+_CREDENTIAL_WORDS = (b"auth", b"key", b"token", b"secret", b"password", b"cookie")
+_WS_REFUSAL = b"WebSocket is not supported by this proxy.\n"
 
 
 def make_transport() -> httpx.AsyncBaseTransport:
@@ -44,13 +83,26 @@ def make_transport() -> httpx.AsyncBaseTransport:
         return httpx.AsyncHTTPTransport(limits=limits)
 
 
+class _ClientGone(Exception):
+    """The client disconnected while its request body was still being sent upstream."""
+
+
+@dataclass
+class _Client:
+    """What is known of the client during one exchange."""
+
+    body_sent: anyio.Event = field(default_factory=anyio.Event)
+    disconnected: bool = False
+
+
 class UpstreamApp:
     def __init__(self, config: UpstreamConfig,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.config = config
-        self.base = config.url
-        self.headers = [(k.lower().encode(), v.encode()) for k, v in config.headers]
+        self.base, self.headers = _base_and_headers(config)
         self.timeout = httpx.Timeout(config.timeout, connect=config.connect_timeout).as_dict()
+        self.secrets = _secrets(config.url, self.headers)
+        self._secret_bytes = tuple(s.encode("latin-1", "replace") for s in self.secrets)
         self._transport = transport
 
     @property
@@ -65,34 +117,73 @@ class UpstreamApp:
             self._transport = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
             await self._lifespan(receive, send)
+        elif scope["type"] == "websocket":
+            await _refuse_websocket(scope, receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        url = self.base + origin_target(scope)
+        method: str = scope["method"]
+        client = _Client()
+        body = await _request_body(receive, client)
+        if client.disconnected:
             return
-        url = self.base + scope.get("raw_path", scope["path"].encode()).decode("latin-1")
-        if scope.get("query_string"):
-            url += "?" + scope["query_string"].decode("latin-1")
+        headers = request_headers(scope["headers"], self.headers)
+        # for the log: the path only (a query string may carry a credential)
+        translate = partial(self._translate, f"{method} {url[len(self.base):].split('?')[0]}")
+        opened: list[httpx.Response] = []
+        failure: Exception | None = None
         try:
-            request = httpx.Request(scope["method"], url,
-                                    headers=request_headers(scope["headers"], self.headers),
-                                    content=await _read_or_stream(receive),
-                                    extensions={"timeout": self.timeout})
-            response = await self.transport.handle_async_request(request)
-        except httpx.HTTPError as exc:
-            raise _translate(exc, "upstream unreachable") from exc
-        except httpx.InvalidURL as exc:
-            raise UpstreamError(f"cannot forward to {url!r}: {exc}") from exc
-        try:
-            await send({"type": "http.response.start", "status": response.status_code,
-                        "headers": response_headers(response.headers.raw)})
-            if _buffered(response):
-                body = await response.aread()
-                await send({"type": "http.response.body", "body": body})
-            else:
-                await _relay(response, receive, send)
-        except httpx.HTTPError as exc:
-            raise _translate(exc, "upstream failed mid-response") from exc
+            async with anyio.create_task_group() as group:
+                group.start_soon(_watch_disconnect, receive, client, group.cancel_scope)
+                try:  # nothing may escape the group's body: it would become an ExceptionGroup
+                    response = await self._open(method, url, headers, body, opened, client,
+                                                translate)
+                    await Relay(response, method, send, translate, self._secret_bytes).run()
+                except Exception as exc:
+                    failure = exc
+                group.cancel_scope.cancel()
         finally:
-            await response.aclose()
+            if opened:
+                with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True):
+                    await _close(opened[0])
+        if failure is not None and not client.disconnected:
+            raise failure
+
+    async def _open(self, method: str, url: str, headers: list[tuple[bytes, bytes]],
+                    body: bytes | AsyncIterator[bytes], opened: list[httpx.Response],
+                    client: _Client, translate: Translate) -> httpx.Response:
+        """Send the request; the response once its head has arrived (also put in
+        ``opened``, so that it is closed whatever happens next)."""
+        for attempt in (1, 2):
+            try:
+                request = httpx.Request(method, url, headers=headers, content=body,
+                                        extensions={"timeout": self.timeout})
+                response = await self.transport.handle_async_request(request)
+            except Exception as exc:
+                if client.disconnected:
+                    raise _ClientGone() from exc
+                if attempt == 1 and isinstance(body, bytes) and never_sent(exc):
+                    log.info("upstream connection was closing before the request was "
+                             "written; sending it once more [%s]", describe(exc, self.secrets))
+                    continue
+                raise translate(exc, False) from exc
+            opened.append(response)
+            return response
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _translate(self, request: str, exc: BaseException, started: bool) -> UpstreamError:
+        """A transport failure -> the error to raise, and one redacted log line."""
+        if isinstance(exc, UpstreamError):
+            return exc
+        error = mid_response(exc) if started else before_response(exc)
+        log.warning("upstream failed %s for %s: %s [%s]",
+                    "mid-response" if started else "before responding", request,
+                    error.message, describe(exc, self.secrets), exc_info=not known(exc))
+        return error
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -105,33 +196,74 @@ class UpstreamApp:
                 return
 
 
-def _translate(exc: httpx.HTTPError, context: str) -> UpstreamError:
-    """httpx (and, beneath it, aiohttp) errors -> the package's own tree. httpx-aiohttp
-    reports a refused connection as ConnectTimeout, so the root cause decides."""
-    cause: BaseException | None = exc
-    while cause is not None:
-        if isinstance(cause, ConnectionRefusedError | ConnectionResetError):
-            return UpstreamError(f"{context}: {cause}")
-        cause = cause.__cause__ or cause.__context__
-    if isinstance(exc, httpx.TimeoutException):
-        return UpstreamTimeout(f"upstream did not answer in time: {exc}")
-    return UpstreamError(f"{context}: {exc}")
+def origin_target(scope: Scope) -> str:
+    """The request's path and query, to append to the base URL.
+
+    Raises ``RequestError`` (400, "invalid request target") unless the path is
+    origin-form: it starts with "/", has no dot segment (plain or encoded: the URL
+    parser would resolve it and could climb above the base URL's path), no backslash,
+    '#', space or control byte. Non-ASCII bytes are percent-encoded as they are.
+    """
+    raw = scope.get("raw_path")
+    if not raw:
+        raw = quote(scope.get("path", ""), safe="/:@!$&'()*+,;=-._~").encode("ascii")
+    if isinstance(raw, bytes):  # some servers leave the query in raw_path too
+        raw = raw.split(b"?", 1)[0]
+    if not isinstance(raw, bytes) or not raw.startswith(b"/") or _BAD_TARGET.search(raw) \
+            or any(seg.lower() in _DOT_SEGMENTS for seg in raw.split(b"/")):
+        raise RequestError("invalid request target")
+    raw = _NON_ASCII.sub(lambda m: b"%%%02X" % m[0][0], raw)
+    target = raw.decode("ascii")
+    query: bytes = scope.get("query_string") or b""
+    if query:
+        if b"#" in query or _NON_ASCII.search(query) or re.search(rb"[\x00-\x20\x7f]", query):
+            raise RequestError("invalid request target")
+        target += "?" + query.decode("ascii")
+    return target
 
 
-def _buffered(response: httpx.Response) -> bool:
-    if response.headers.get("content-type", "").startswith("text/event-stream"):
-        return False
-    length = response.headers.get("content-length")
-    return length is not None and length.isdigit() and int(length) <= _BUFFER_LIMIT
+def _base_and_headers(config: UpstreamConfig) -> tuple[str, list[tuple[bytes, bytes]]]:
+    """The base URL without credentials, and the headers set on every request. URL
+    credentials become ``Authorization: Basic`` here (unless ``headers`` sets its own
+    Authorization, which wins), so that no URL the transport sees, or puts in an error,
+    holds them; aiohttp would also refuse a URL with credentials next to that header."""
+    headers = [(k.lower().encode(), v.encode()) for k, v in config.headers]
+    url = httpx.URL(config.url)
+    if url.userinfo:
+        if not any(name == b"authorization" for name, _ in headers):
+            basic = f"{url.username}:{url.password}".encode()
+            headers.append((b"authorization", b"Basic " + base64.b64encode(basic)))
+        url = url.copy_with(userinfo=b"")
+    return str(url).rstrip("/"), headers
 
 
-async def _read_or_stream(receive: Receive) -> bytes | AsyncIterator[bytes]:
-    """The request body: bytes when it came in one message, else a stream (unbuffered)."""
+def _secrets(url: str, headers: list[tuple[bytes, bytes]]) -> tuple[str, ...]:
+    """Values never to be logged or relayed: URL credentials and the values of the
+    credential headers set on every request (whole, and each word, e.g. the token after
+    "Bearer")."""
+    found: set[str] = set()
+    parsed = httpx.URL(url)
+    found.update(s for s in (parsed.username, parsed.password) if s)
+    found.update(s for s in parsed.userinfo.decode("latin-1").split(":") if s)
+    for name, value in headers:
+        if not any(word in name for word in _CREDENTIAL_WORDS):
+            continue
+        text = value.decode("latin-1")
+        found.add(text)
+        found.update(text.split())
+    return tuple(s for s in found if len(s) >= 8)
+
+
+async def _request_body(receive: Receive, client: _Client) -> bytes | AsyncIterator[bytes]:
+    """The request body: bytes when it came in one message, else a stream (unbuffered).
+    ``client.body_sent`` is set once it has all been read."""
     message = await receive()
     if message["type"] == "http.disconnect":
-        raise UpstreamError("client disconnected before the request was sent")
+        client.disconnected = True
+        return b""
     first: bytes = message.get("body", b"")
     if not message.get("more_body", False):
+        client.body_sent.set()
         return first
 
     async def rest() -> AsyncIterator[bytes]:
@@ -139,27 +271,46 @@ async def _read_or_stream(receive: Receive) -> bytes | AsyncIterator[bytes]:
         while True:
             msg = await receive()
             if msg["type"] == "http.disconnect":
-                raise UpstreamError("client disconnected while sending the request")
-            yield msg.get("body", b"")
+                client.disconnected = True
+                raise _ClientGone()
+            if chunk := msg.get("body", b""):
+                yield chunk
             if not msg.get("more_body", False):
+                client.body_sent.set()
                 return
 
     return rest()
 
 
-async def _relay(response: httpx.Response, receive: Receive, send: Send) -> None:
-    """Send each upstream chunk as it arrives; stop as soon as the client goes away."""
-    async with anyio.create_task_group() as group:
+async def _watch_disconnect(receive: Receive, client: _Client,
+                            scope: anyio.CancelScope) -> None:
+    """Once the body is read, wait for ``http.disconnect`` and cancel the exchange."""
+    await client.body_sent.wait()
+    try:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # the server cannot tell us about the client any more: it is gone
+        log.debug("receive() failed while watching for a disconnect", exc_info=True)
+    client.disconnected = True
+    scope.cancel()
 
-        async def watch_disconnect() -> None:
-            message: Message = await receive()
-            while message["type"] != "http.disconnect":
-                message = await receive()
-            group.cancel_scope.cancel()
 
-        group.start_soon(watch_disconnect)
-        async for chunk in response.aiter_raw():
-            if chunk:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b""})
-        group.cancel_scope.cancel()
+async def _close(response: httpx.Response) -> None:
+    try:
+        await response.aclose()
+    except Exception:  # the exchange is over; a failing close must not change its outcome
+        log.debug("closing the upstream response failed", exc_info=True)
+
+
+async def _refuse_websocket(scope: Scope, receive: Receive, send: Send) -> None:
+    """WebSockets are not proxied (nor guarded): refuse the handshake."""
+    message = await receive()
+    if message["type"] != "websocket.connect":
+        return
+    if "websocket.http.response" in scope.get("extensions", {}):
+        await send({"type": "websocket.http.response.start", "status": 501, "headers": [
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", str(len(_WS_REFUSAL)).encode())]})
+        await send({"type": "websocket.http.response.body", "body": _WS_REFUSAL})
+    else:
+        await send({"type": "websocket.close", "code": 1008})

@@ -15,9 +15,18 @@ HOP_BY_HOP = frozenset({
 })
 _CREDENTIALS = frozenset(name.encode() for name in CLIENT_CREDENTIAL_HEADERS)
 # Recomputed for the forwarded request; compression is refused upstream so that
-# response stages can read bodies (sidecar traffic is local).
-_REQUEST_DROP = HOP_BY_HOP | _CREDENTIALS | {b"host", b"content-length", b"accept-encoding"}
-_RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
+# response stages can read bodies (sidecar traffic is local). ``expect`` is answered by
+# the server in front (the proxy has the body already); ``cookie`` is a credential for
+# the proxy's clients, never for the upstream.
+_REQUEST_DROP = HOP_BY_HOP | _CREDENTIALS | {
+    b"host", b"content-length", b"accept-encoding", b"expect", b"cookie"}
+# ``content-length`` is recomputed (bodies are decoded, stages may resize them). The
+# upstream's cookies and auth challenges concern the proxy's own upstream session and
+# credentials, which the client neither holds nor should steer: a 401 challenge would
+# tell the client its key is wrong when the proxy's is.
+_RESPONSE_DROP = HOP_BY_HOP | {
+    b"content-length", b"set-cookie", b"set-cookie2", b"www-authenticate",
+    b"authentication-info", b"proxy-authentication-info"}
 
 
 def _named_in_connection(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
@@ -41,7 +50,16 @@ def request_headers(client: Iterable[tuple[bytes, bytes]],
     return out
 
 
-def response_headers(upstream: Iterable[tuple[bytes, bytes]]) -> RawHeaders:
+def response_headers(upstream: Iterable[tuple[bytes, bytes]], *, decoded: bool = False,
+                     secrets: Iterable[bytes] = ()) -> RawHeaders:
+    """The upstream's response headers minus hop-by-hop, ``content-length``, cookies and
+    auth challenges; minus ``content-encoding`` when the body is relayed ``decoded``; and
+    minus any header whose value contains one of ``secrets`` (the upstream's own
+    credentials, should it echo them back)."""
     upstream = list(upstream)
     drop = _RESPONSE_DROP | _named_in_connection(upstream)
-    return [(n, v) for n, v in upstream if n.lower() not in drop]
+    if decoded:
+        drop = drop | {b"content-encoding"}
+    secrets = [s for s in secrets if len(s) >= 8]
+    return [(n, v) for n, v in upstream if n.lower() not in drop
+            and not any(s in v for s in secrets)]

@@ -1,7 +1,7 @@
 -- Settle (or release, with actual = 0) one lease, idempotently: the lease record is
--- deleted, so a second settle finds nothing and charges nothing.
+-- deleted, so a second settle finds nothing and charges nothing. Reads no clock.
 -- KEYS[1] leases hash   KEYS[2] lease deadlines zset
--- ARGV[1] lease id   ARGV[2] actual tokens   ARGV[3] now   ARGV[4] grace
+-- ARGV[1] lease id   ARGV[2] actual tokens
 -- Returns 1 if this call charged the lease, 0 if it was already settled or unknown.
 local rec = redis.call('HGET', KEYS[1], ARGV[1])
 if not rec then return 0 end
