@@ -8,7 +8,14 @@ from typing import TYPE_CHECKING, Any
 
 from guardproxy.dialects.base import Dialect, Headers
 from guardproxy.guards.base import RateHeaders
-from guardproxy.request.plan import NOT_GENERATION, RequestPlan, boolean, cap_of, model_of
+from guardproxy.request.plan import (
+    DEFERRED,
+    NOT_GENERATION,
+    RequestPlan,
+    boolean,
+    cap_of,
+    model_of,
+)
 
 if TYPE_CHECKING:
     from guardproxy.policy.model import UpstreamConfig
@@ -57,7 +64,7 @@ class AnthropicDialect(Dialect):
 
     def plan(self, path: str, body: Mapping[str, Any], upstream: UpstreamConfig) -> RequestPlan:
         if self.endpoint(path) is None:
-            return NOT_GENERATION
+            return DEFERRED if path.endswith("/messages/batches") else NOT_GENERATION
         cap, _ = cap_of(body, ("max_tokens",))
         return RequestPlan(endpoint="messages", model=model_of(body, path),
                            stream=boolean(body, "stream"), cap=cap, cap_fields=("max_tokens",))

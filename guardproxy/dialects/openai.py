@@ -9,6 +9,7 @@ from guardproxy.dialects.base import Dialect, Headers
 from guardproxy.errors import RequestError
 from guardproxy.guards.base import RateHeaders
 from guardproxy.request.plan import (
+    DEFERRED,
     NOT_GENERATION,
     RequestPlan,
     boolean,
@@ -24,8 +25,12 @@ if TYPE_CHECKING:
 # generation endpoints (matched on the normalised path's end) and their cap fields
 _ENDPOINTS = (("/chat/completions", "chat"), ("/completions", "completions"),
               ("/responses", "responses"))
-_CAP_FIELDS = {"chat": ("max_tokens", "max_completion_tokens"),
-               "completions": ("max_tokens",), "responses": ("max_output_tokens",)}
+# llama.cpp reads n_predict before max_tokens, TGI/SGLang accept max_new_tokens: a cap a
+# server may read is a cap field (two that disagree are refused, all are rewritten)
+_SERVER_CAPS = ("n_predict", "max_new_tokens")
+_CAP_FIELDS = {"chat": ("max_tokens", "max_completion_tokens", *_SERVER_CAPS),
+               "completions": ("max_tokens", *_SERVER_CAPS),
+               "responses": ("max_output_tokens",)}
 # upstream.cap_field -> the chat fields written; OpenAI-compatible servers (vLLM, SGLang,
 # llama.cpp, TGI) all honour max_tokens, not all honour max_completion_tokens
 _CHAT_CAP = {None: ("max_tokens",), "max_tokens": ("max_tokens",),
@@ -92,7 +97,7 @@ class OpenAIDialect(Dialect):
     def plan(self, path: str, body: Mapping[str, Any], upstream: UpstreamConfig) -> RequestPlan:
         endpoint = self.endpoint(path)
         if endpoint is None:
-            return NOT_GENERATION
+            return DEFERRED if path.endswith("/batches") else NOT_GENERATION
         model = model_of(body, path)
         stream = boolean(body, "stream")
         cap, given = cap_of(body, _CAP_FIELDS[endpoint])
@@ -100,8 +105,8 @@ class OpenAIDialect(Dialect):
             else _CAP_FIELDS[endpoint]
         completions = 1
         if endpoint != "responses":
-            n = integer(body, "n", minimum=1) or 1
-            best_of = integer(body, "best_of", minimum=1) or 1
+            n = integer(body, "n", minimum=1, maximum=128) or 1
+            best_of = integer(body, "best_of", minimum=1, maximum=128) or 1
             completions = max(n, best_of) * _prompts(body) if endpoint == "completions" \
                 else max(n, best_of)
         options = body.get("stream_options")
@@ -113,7 +118,8 @@ class OpenAIDialect(Dialect):
             cap_fields=tuple(dict.fromkeys((*written, *given))), completions=completions,
             inject_usage=(stream and endpoint != "responses" and not asked
                           and upstream.stream_usage == "inject"),
-            exact=_exact(body, endpoint))
+            exact=_exact(body, endpoint),
+            deferred=endpoint == "responses" and boolean(body, "background"))
 
     def inject_stream_usage(self, body: dict[str, Any]) -> None:
         options = body.get("stream_options")
@@ -125,7 +131,9 @@ class OpenAIDialect(Dialect):
 
     def read_event(self, name: str, data: Mapping[str, Any], tally: Tally) -> bool:
         usage = data.get("usage")
-        if name.startswith("response.") or str(data.get("type", "")).startswith("response."):
+        responses_api = name.startswith("response.") \
+            or str(data.get("type", "")).startswith("response.")
+        if responses_api:
             response = data.get("response")
             if isinstance(response, dict):
                 usage = response.get("usage")
@@ -135,7 +143,8 @@ class OpenAIDialect(Dialect):
         has_usage = _usage(usage, tally)
         choices = data.get("choices")
         if not isinstance(choices, list):
-            return False
+            # a chat usage chunk without "choices" is still only usage
+            return has_usage and not responses_api
         for choice in choices:
             if not isinstance(choice, dict):
                 continue

@@ -143,6 +143,12 @@ class BudgetGuard:
         body = exchange.json
         s = self.settings
         plan = exchange.plan
+        if plan.deferred:  # batches, background responses: nothing to settle from
+            return Outcome(allowed=False, rule=self.rule.name, shadow=self.rule.shadow,
+                           status=400, kind="invalid_request", code="unsupported_under_budget",
+                           message="Batch and background requests generate out of the "
+                                   "proxy's sight and cannot be budgeted; send each "
+                                   f"request on its own (rule '{self.rule.name}').")
         prompt = exchange.notes.get("prompt_estimate")
         if prompt is None:  # a body the proxy did not read (an upload) settles from usage
             prompt = exchange.notes["prompt_estimate"] = (

@@ -6,6 +6,9 @@ from typing import Any
 
 from limits import RateLimitItem, parse_many
 
+MAX_AMOUNT = 2**53
+MAX_WINDOW = 366 * 86400
+
 
 def parse_rates(value: Any) -> tuple[RateLimitItem, ...]:
     if isinstance(value, list):
@@ -22,4 +25,8 @@ def parse_rates(value: Any) -> tuple[RateLimitItem, ...]:
         raise ValueError(f"invalid rate {value!r}")
     if any(item.amount <= 0 for item in items):
         raise ValueError(f"rate amounts must be positive in {value!r}")
+    if any(item.amount > MAX_AMOUNT for item in items):  # Lua numbers are doubles
+        raise ValueError(f"rate amounts must be at most 2**53 in {value!r}")
+    if any(item.get_expiry() > MAX_WINDOW for item in items):
+        raise ValueError(f"a window can be at most a year long in {value!r}")
     return items

@@ -72,6 +72,8 @@ def client_ip(peer: str, forwarded: str | Mapping[str, str],
     have written the address it saw; skipping it would let a client choose its own
     address. Attributing such requests to the proxy counts them together: safe.
     """
+    if not trusted and ":" not in peer:  # an IPv4 peer, nothing to walk: as the server gave it
+        return peer
     peer_ip = parse_ip(peer)
     if not trusted or not _trusted(peer_ip, trusted):
         return str(peer_ip) if peer_ip is not None else peer

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 from guardproxy.errors import RequestError
@@ -35,6 +36,32 @@ def _finite(text: str) -> float:
     return value
 
 
+# built once: json.loads would build a decoder per call for these hooks
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constant,
+                            parse_float=_finite)
+
+
+MAX_DEPTH = 64   # deeper requests are refused: answers echo parts of them, deeper still
+_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*+"|[\[\]{}]')
+
+
+def _too_deep(text: str) -> bool:
+    """Whether arrays/objects nest deeper than MAX_DEPTH (strings skipped). Only run when
+    the text has enough brackets to possibly be that deep."""
+    if text.count("[") + text.count("{") <= MAX_DEPTH:
+        return False
+    depth = 0
+    for match in _TOKENS.finditer(text):
+        c = match.group()
+        if c in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                return True
+        elif c in "]}":
+            depth -= 1
+    return False
+
+
 def parse_json(body: bytes) -> Any:
     """The body's JSON value. Raises ``RequestError`` (400) for anything but strict
     UTF-8 JSON: invalid syntax, duplicate keys, NaN/Infinity, a BOM, nesting too deep."""
@@ -42,9 +69,10 @@ def parse_json(body: bytes) -> Any:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise RequestError("Request body is not valid UTF-8.") from None
+    if _too_deep(text):
+        raise RequestError(f"Request body is nested deeper than {MAX_DEPTH} levels.")
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant,
-                          parse_float=_finite)
+        return _DECODER.decode(text)
     except RecursionError:
         raise RequestError("Request body is nested too deeply.") from None
     except ValueError as exc:

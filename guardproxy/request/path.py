@@ -17,6 +17,9 @@ from guardproxy.errors import RequestError
 # Encoded '.', '/', '\' and NUL: servers differ on whether they decode them before routing.
 _AMBIGUOUS = re.compile(rb"%(?:2[eEfF]|5[cC]|00)")
 _SAFE = "/:@!$&'()*+,;=-._~"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# already normal: segments of unreserved characters, none empty or starting with a dot
+_PLAIN = re.compile(rb"(?:/[A-Za-z0-9_~-][A-Za-z0-9._~-]*)+")
 
 
 def normalize_path(raw_path: bytes) -> tuple[str, bytes]:
@@ -28,6 +31,8 @@ def normalize_path(raw_path: bytes) -> tuple[str, bytes]:
     URI), a ``..`` above the root, encoded dots, slashes, backslashes or NUL, a backslash,
     a control character, or bytes that are not UTF-8.
     """
+    if _PLAIN.fullmatch(raw_path):  # the common case, with nothing to undo
+        return raw_path.decode("ascii"), raw_path
     if not raw_path.startswith(b"/"):
         raise RequestError("Invalid request target: the path must start with '/'.")
     if b"\\" in raw_path or _AMBIGUOUS.search(raw_path):
@@ -37,7 +42,7 @@ def normalize_path(raw_path: bytes) -> tuple[str, bytes]:
         decoded = unquote_to_bytes(raw_path).decode("utf-8")
     except UnicodeDecodeError:
         raise RequestError("Invalid request path: not UTF-8.") from None
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in decoded):
+    if _CONTROL.search(decoded):
         raise RequestError("Invalid request path: control characters.")
     segments: list[str] = []
     for segment in decoded.split("/"):

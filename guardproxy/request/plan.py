@@ -24,7 +24,9 @@ class RequestPlan:
     ``completions``: completions one request generates (``max(n, best_of)`` per prompt).
     ``inject_usage``: whether the proxy adds ``stream_options.include_usage`` (and then
     hides the extra usage chunk). ``exact``: the answer must reach the client exactly
-    as generated (structured output, log-probabilities)."""
+    as generated (structured output, log-probabilities). ``deferred``: the request makes
+    the upstream generate later, out of the proxy's sight (a batch, a background
+    response), so no budget can be settled from its response."""
 
     endpoint: str | None = None
     model: str | None = None
@@ -34,6 +36,7 @@ class RequestPlan:
     completions: int = 1
     inject_usage: bool = False
     exact: bool = False     # structured output or logprobs: never rewritten (canaries)
+    deferred: bool = False  # generation the proxy never sees (batches, background runs)
 
     @property
     def generates(self) -> bool:
@@ -41,9 +44,11 @@ class RequestPlan:
 
 
 NOT_GENERATION = RequestPlan()
+DEFERRED = RequestPlan(deferred=True)
 
 
-def integer(body: Mapping[str, Any], field: str, *, minimum: int = 0) -> int | None:
+def integer(body: Mapping[str, Any], field: str, *, minimum: int = 0,
+            maximum: int = 2**31 - 1) -> int | None:
     """A JSON integer field, None when absent or null. Strings, floats and booleans are
     refused: pydantic's lax mode (vLLM, FastAPI apps) would read ``"4"`` or ``4.0`` as 4."""
     value = body.get(field)
@@ -51,8 +56,8 @@ def integer(body: Mapping[str, Any], field: str, *, minimum: int = 0) -> int | N
         return None
     if not isinstance(value, int) or isinstance(value, bool):
         raise RequestError(f"'{field}' must be an integer, got {type(value).__name__}.")
-    if value < minimum:
-        raise RequestError(f"'{field}' must be at least {minimum}.")
+    if not minimum <= value <= maximum:
+        raise RequestError(f"'{field}' must be from {minimum} to {maximum}.")
     return value
 
 

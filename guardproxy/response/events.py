@@ -82,7 +82,7 @@ class SSEEvent:
             data = self.data
             try:
                 self._json = json.loads(data) if data and data != "[DONE]" else None
-            except ValueError:
+            except (ValueError, RecursionError):  # deep nesting: unreadable, not fatal
                 self._json = None
         return self._json
 
@@ -126,7 +126,7 @@ class WholeBody:
         if self._json is _UNPARSED:
             try:
                 self._json = json.loads(self.raw if self.out is None else self.out)
-            except ValueError:
+            except (ValueError, RecursionError):  # deep nesting: unreadable, not fatal
                 self._json = None
         return self._json
 

@@ -99,6 +99,7 @@ class UsageMeter(BaseStage):
         self.tally = Tally()
         self.head: ResponseHead | None = None
         self.other_bytes = 0
+        self.blind = False      # something could not be read: charge what was reserved
 
     def start(self, head: ResponseHead) -> bool:
         self.head = head
@@ -109,15 +110,19 @@ class UsageMeter(BaseStage):
             self.tally.text_bytes += sum(len(m) for m in _TEXT.findall(event.raw))
             return
         obj = event.json
+        if obj is None and event.data.lstrip().startswith(("{", "[")):
+            self.blind = True  # usage we cannot read is charged as the worst case
         if isinstance(obj, dict) and self.dialect.read_event(event.name, obj, self.tally) \
                 and self.hide_usage_chunk:
             event.drop()
 
     def whole(self, body: WholeBody) -> None:
         obj = body.json
+        if obj is None and body.raw.strip():
+            self.blind = True
         if isinstance(obj, dict):
             self.dialect.read_json(obj, self.tally)
-        if not self.tally.final:
+        if not self.tally.final or not self.tally.completion:
             self.tally.text_bytes += sum(len(m) for m in _TEXT.findall(body.raw))
 
     def other(self, size: int) -> None:
@@ -130,7 +135,7 @@ class UsageMeter(BaseStage):
         prompt = t.prompt if t.prompt_seen and not bogus else self.prompt_estimate
         if t.final and not bogus:
             return Usage(prompt, max(t.completion, t.floor))
-        if head is not None and not head.text:
+        if self.blind or (head is not None and not head.text):
             # audio, images, unknown encodings: the size says nothing of tokens, and the
             # upstream may have generated all it was allowed to
             completion = self.reserved_output

@@ -39,7 +39,7 @@ import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from functools import partial
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import anyio
 import httpx
@@ -103,6 +103,9 @@ class UpstreamApp:
         self.timeout = httpx.Timeout(config.timeout, connect=config.connect_timeout).as_dict()
         self.secrets = _secrets(config.url, self.headers)
         self._secret_bytes = tuple(s.encode("latin-1", "replace") for s in self.secrets)
+        parts = urlsplit(self.base)  # no credentials here: they went into a header
+        self.origin = f"{parts.scheme}://{parts.netloc}".lower().encode("latin-1", "replace") \
+            if parts.netloc else b""
         self._transport = transport
 
     @property
@@ -142,7 +145,8 @@ class UpstreamApp:
                 try:  # nothing may escape the group's body: it would become an ExceptionGroup
                     response = await self._open(method, url, headers, body, opened, client,
                                                 translate)
-                    await Relay(response, method, send, translate, self._secret_bytes).run()
+                    await Relay(response, method, send, translate, self._secret_bytes,
+                                self.origin).run()
                 except Exception as exc:
                     failure = exc
                 group.cancel_scope.cancel()

@@ -24,6 +24,7 @@ _REQUEST_DROP = HOP_BY_HOP | _CREDENTIALS | {
 # upstream's cookies and auth challenges concern the proxy's own upstream session and
 # credentials, which the client neither holds nor should steer: a 401 challenge would
 # tell the client its key is wrong when the proxy's is.
+_LOCATIONS = frozenset({b"location", b"content-location"})
 _RESPONSE_DROP = HOP_BY_HOP | {
     b"content-length", b"set-cookie", b"set-cookie2", b"www-authenticate",
     b"authentication-info", b"proxy-authentication-info"}
@@ -51,15 +52,30 @@ def request_headers(client: Iterable[tuple[bytes, bytes]],
 
 
 def response_headers(upstream: Iterable[tuple[bytes, bytes]], *, decoded: bool = False,
-                     secrets: Iterable[bytes] = ()) -> RawHeaders:
+                     secrets: Iterable[bytes] = (), origin: bytes = b"") -> RawHeaders:
     """The upstream's response headers minus hop-by-hop, ``content-length``, cookies and
     auth challenges; minus ``content-encoding`` when the body is relayed ``decoded``; and
     minus any header whose value contains one of ``secrets`` (the upstream's own
-    credentials, should it echo them back)."""
+    credentials, should it echo them back). The upstream's ``origin``
+    (``http://host:port``) never reaches a client: a ``location`` or
+    ``content-location`` under it becomes a relative path, any other header naming it is
+    dropped."""
     upstream = list(upstream)
     drop = _RESPONSE_DROP | _named_in_connection(upstream)
     if decoded:
         drop = drop | {b"content-encoding"}
     secrets = [s for s in secrets if len(s) >= 8]
-    return [(n, v) for n, v in upstream if n.lower() not in drop
-            and not any(s in v for s in secrets)]
+    out: RawHeaders = []
+    for name, value in upstream:
+        lowered = name.lower()
+        if lowered in drop or any(s in value for s in secrets):
+            continue
+        if origin and origin in value.lower():
+            if lowered in _LOCATIONS and value.lower().startswith(origin):
+                value = value[len(origin):] or b"/"
+                if not value.startswith(b"/"):
+                    continue
+            else:
+                continue
+        out.append((name, value))
+    return out

@@ -32,7 +32,8 @@ class Relay:
     """Relays one upstream response; ``started`` says whether the client has its head."""
 
     def __init__(self, response: httpx.Response, method: str, send: Send,
-                 translate: Translate, secrets: Iterable[bytes] = ()) -> None:
+                 translate: Translate, secrets: Iterable[bytes] = (),
+                 origin: bytes = b"") -> None:
         self.response = response
         self.head = method == "HEAD"
         self.head_only = self.head or response.status_code in _NO_BODY_STATUS
@@ -40,7 +41,8 @@ class Relay:
         self.translate = translate
         self.decoder = content_decoder(response.headers.raw)
         self.headers = response_headers(response.headers.raw,
-                                         decoded=self.decoder is not None, secrets=secrets)
+                                         decoded=self.decoder is not None, secrets=secrets,
+                                         origin=origin)
         self.started = False
 
     async def run(self) -> None:
