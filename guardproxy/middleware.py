@@ -22,6 +22,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from guardproxy.dialects import CLIENT_CREDENTIAL_HEADERS
 from guardproxy.errors import GuardProxyError, RequestError
 from guardproxy.exchange import Exchange
 from guardproxy.flow import Admission, LeaseKeeper, Pipeline
@@ -40,8 +41,8 @@ from guardproxy.upstream.headers import HOP_BY_HOP
 
 log = logging.getLogger("guardproxy")
 _NO_BODY = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE"})
-_CREDENTIALS = frozenset({b"authorization", b"x-api-key", b"api-key", b"x-goog-api-key",
-                          b"proxy-authorization"})
+# the client credential list every layer uses: a key never reaches the inner app
+_CREDENTIALS = frozenset(name.encode() for name in CLIENT_CREDENTIAL_HEADERS)
 _REPLACED = _CREDENTIALS | {b"content-length", b"x-request-id"}
 
 
