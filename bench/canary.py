@@ -1,18 +1,18 @@
-"""Output-canary benchmark: ``python -m bench.canary [--quick]``.
+"""Output-canary benchmark on real kinds of text: ``python -m bench.canary [--quick]``.
 
-(a) words of verbatim leaked text needed to name the right account among 10^6 at
-    p < 1e-6 (Bonferroni over the 10^6 accounts)
-(b) the same after an attacker re-randomises 30% of the substitutable words
-(c) distillation: a trigram student trained on >= 1M words of one account's marked
-    outputs; p-values of the global key and of the account vs words sampled from it
-(d) false positives: unmarked text under our key, marked text under 1,000 wrong keys,
-    and accounts named for unmarked text or for text marked for an unknown account
-(e) decode time for 10,000 words with 10^6 known accounts (index built once + detect)
-(f) streaming cost: CPU per SSE event with and without marks, and the share of words
-    changed
+Text: the kinds of ``bench/texts.py`` (stdlib documentation, package READMEs, assistant
+answers, dialogue), every channel the policy recommends, 10^6 known accounts.
 
-The corpus is synthetic prose (bench/corpus.py) whose density of lexicon words is set
-to what the lexicon covers in tests/data/prose.txt, real assistant-style prose.
+(a) words of a verbatim leak (whole responses, marked for one account) needed to name
+    that account among 10^6 at p < 1e-6 (Bonferroni), in 5 of 5 trials
+(b) the same after an attacker re-randomises 30% of the sites of every channel
+(c) a trigram student trained on the marked text of one account: global and account
+    p-values for words sampled from it
+(d) false positives: unmarked text, wrong keys, text marked for unknown accounts
+(e) detection time with 10^6 accounts (index built once, then one detection)
+(f) streaming cost per SSE event with and without a canary, and the words changed
+(g) a blind sample of marked sentences beside their originals, for a person to judge
+    (written to ``--sample``)
 """
 
 from __future__ import annotations
@@ -21,212 +21,137 @@ import argparse
 import json
 import random
 import time
-from collections import Counter, defaultdict
 from pathlib import Path
 
-from bench.corpus import prose
+from bench.canary_attacks import leak, mark, rerandomise, student
+from bench.canary_sample import stream_cost, write_sample
+from bench.texts import kinds
 from guardproxy.canary.detect import AccountIndex, Verdict, detect
 from guardproxy.canary.keys import CanaryKeys, random_keys
-from guardproxy.canary.lexicon import INDEX, PAIRS
-from guardproxy.canary.marker import Marker
-from guardproxy.canary.stage import CanaryStage
 
-REPO = Path(__file__).resolve().parent.parent
 KEYS = CanaryKeys("bench-canary-secret-0123456789")
 TARGET = "acct-424242"
-
-
-def site_density() -> float:
-    marker = Marker(KEYS, KEYS.code(TARGET))
-    marker.mark((REPO / "tests" / "data" / "prose.txt").read_text())
-    return marker.stats.sites / max(1, marker.stats.words)
+KINDS = ("technical_docs", "assistant", "dialogue", "readmes")
+SIZES = [500, 1000, 2000, 3000, 5000, 7500, 10000, 15000, 20000, 30000, 50000]
 
 
 def accounts(n: int) -> list[str]:
-    """n known accounts, the leaking one among them."""
     return sorted({f"acct-{i}" for i in range(n - 1)} | {TARGET})
 
 
-def mark(text: str, account: str = TARGET, tripwire: bool = False) -> str:
-    return Marker(KEYS, KEYS.code(account), tripwire=tripwire).mark(text)
+def named(verdict: Verdict, account: str = TARGET, log10_alpha: float = -6) -> bool:
+    top = verdict.accounts[0] if verdict.accounts else None
+    return bool(top and top.account == account and top.log10_p_bonferroni < log10_alpha)
 
 
-def rerandomise(text: str, share: float, rng: random.Random) -> str:
-    def swap(word: str) -> str:
-        entry = INDEX.get(word.lower())
-        if entry is None or rng.random() >= share:
-            return word
-        new = PAIRS[entry[0]][rng.randrange(2)]
-        return new.capitalize() if word[0].isupper() else new
-    return " ".join(swap(w) for w in text.split(" "))
-
-
-def words_needed(known: AccountIndex, density: float, attack: float, trials: int,
-                 sizes: list[int], tripwire: bool = False) -> dict[str, object]:
-    rng = random.Random(7)
+def words_needed(docs: list[str], index: AccountIndex, attack: float,
+                 trials: int) -> dict[str, object]:
+    total = sum(len(d.split()) for d in docs)
     rows = []
-    for n in sizes:
+    for n in [s for s in SIZES if s <= total]:
+        rng = random.Random(n)
         ok = 0
-        for t in range(trials):
-            text = mark(prose(n, seed=1000 * n + t, site_rate=density), tripwire=tripwire)
+        for _ in range(trials):
+            texts = leak(KEYS, docs, TARGET, n, rng)
             if attack:
-                text = rerandomise(text, attack, rng)
-            v = detect(KEYS, [text], known, null_keys=0)
-            top = v.accounts[0] if v.accounts else None
-            ok += bool(top and top.account == TARGET and top.log10_p_bonferroni < -6)
+                texts = [rerandomise(t, attack, rng) for t in texts]
+            ok += named(detect(KEYS, texts, index, null_keys=0))
         rows.append({"words": n, "named": ok, "trials": trials})
         if ok == trials:
             return {"words": n, "rows": rows}
-    return {"words": None, "rows": rows}
+    return {"words": None, "rows": rows, "corpus_words": total}
 
 
-def distillation(density: float, train_words: int, samples: list[int],
-                 known: AccountIndex) -> list[dict[str, object]]:
-    corpus = " ".join(mark(prose(5000, seed=90000 + i, site_rate=density))
-                      for i in range(train_words // 5000))
-    tokens = corpus.split()
-    tri: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
-    for a, b, c in zip(tokens, tokens[1:], tokens[2:], strict=False):
-        tri[(a, b)][c] += 1
-    rng = random.Random(3)
+def distillation(corpus: dict[str, list[str]], train_words: int,
+                 index: AccountIndex) -> list[dict[str, object]]:
+    docs = [d for kind in KINDS for d in corpus[kind]]
+    marked = [mark(KEYS, d, TARGET) for d in docs]
+    distinct = sum(len(d.split()) for d in marked)
+    training = marked * max(1, -(-train_words // distinct))   # repeated up to the size
     out = []
-    for n in samples:
-        a, b = tokens[0], tokens[1]
-        sample = [a, b]
-        while len(sample) < n:
-            nxt = tri.get((a, b))
-            if not nxt:
-                a, b = tokens[(i := rng.randrange(len(tokens) - 2))], tokens[i + 1]
-                continue
-            words, weights = zip(*nxt.items(), strict=True)
-            c = rng.choices(words, weights)[0]
-            sample.append(c)
-            a, b = b, c
-        v = detect(KEYS, [" ".join(sample)], known, null_keys=0)
+    for n, text in student(training, [1000, 2000, 5000, 10000, 20000]).items():
+        v = detect(KEYS, [text], index, null_keys=0)
         top = v.accounts[0] if v.accounts else None
-        out.append({"sampled_words": n, "global_log10_p": round(v.global_score.log10_p, 1),
+        out.append({"sampled_words": n, "distinct_training_words": distinct,
+                    "global_log10_p": round(v.global_score.log10_p, 1),
                     "top_account": top.account if top else None,
                     "account_log10_p_bonferroni":
                         round(top.log10_p_bonferroni, 1) if top else None})
     return out
 
 
-def false_positives(density: float, docs: int, wrong_keys: int,
+def false_positives(corpus: dict[str, list[str]], docs_n: int, wrong_keys: int,
                     index: AccountIndex) -> dict[str, object]:
-    def named(verdict: Verdict, log10_alpha: float) -> bool:
-        return any(a.log10_p_bonferroni < log10_alpha for a in verdict.accounts)
-
-    unmarked = [detect(KEYS, [prose(1000, seed=50000 + i, site_rate=density)], index,
-                       null_keys=0) for i in range(docs)]
-    # text marked for accounts that are not among the known ones: the null "another
-    # account received it", which a per-site count would fail
-    outsiders = [detect(KEYS, [mark(prose(1000, seed=60000 + i, site_rate=density),
-                                    f"outsider-{i}")], index, null_keys=0)
-                 for i in range(docs)]
-    marked = mark(prose(2000, seed=7, site_rate=density))
-    scanned = [detect(k, [marked], [], null_keys=0).global_score.log10_p
+    pool = [d for kind in KINDS for d in corpus[kind] if len(d.split()) >= 200]
+    rng = random.Random(5)
+    picked = [rng.choice(pool) for _ in range(docs_n)]
+    unmarked = [detect(KEYS, [d], index, null_keys=0) for d in picked]
+    outsiders = [detect(KEYS, [mark(KEYS, d, f"outsider-{i}")], index, null_keys=0)
+                 for i, d in enumerate(picked)]
+    sample = [mark(KEYS, d, TARGET) for d in picked[:20]]
+    scanned = [detect(k, sample, [], null_keys=0).global_score.log10_p
                for k in random_keys(wrong_keys, b"wrong")]
-    global_unmarked = [v.global_score.log10_p for v in unmarked]
+    globals_ = [v.global_score.log10_p for v in unmarked]
 
     def share(values: list[float], log10_alpha: float) -> float:
-        return sum(v < log10_alpha for v in values) / len(values)
-    return {"unmarked_docs": docs, "unmarked_p<0.01": share(global_unmarked, -2),
-            "unmarked_p<0.05": share(global_unmarked, -1.301), "wrong_keys": wrong_keys,
+        return round(sum(v < log10_alpha for v in values) / len(values), 4)
+
+    def any_named(verdicts: list[Verdict], log10_alpha: float) -> float:
+        return round(sum(any(a.log10_p_bonferroni < log10_alpha for a in v.accounts)
+                         for v in verdicts) / len(verdicts), 4)
+    return {"unmarked_docs": docs_n, "unmarked_p<0.01": share(globals_, -2),
+            "unmarked_p<0.05": share(globals_, -1.301), "wrong_keys": wrong_keys,
             "wrong_key_p<0.01": share(scanned, -2), "wrong_key_p<0.05": share(scanned, -1.301),
-            "any_global_p<1e-6": share(global_unmarked + scanned, -6),
-            "unmarked_account_named_p<0.01": sum(named(v, -2) for v in unmarked) / docs,
-            "outsider_account_named_p<0.01": sum(named(v, -2) for v in outsiders) / docs,
-            "outsider_account_named_p<1e-6": sum(named(v, -6) for v in outsiders) / docs}
+            "any_global_p<1e-6": share(globals_ + scanned, -6),
+            "unmarked_account_named_p<0.01": any_named(unmarked, -2),
+            "outsider_account_named_p<0.01": any_named(outsiders, -2),
+            "outsider_account_named_p<1e-6": any_named(outsiders, -6)}
 
 
-def decode_time(known: list[str], density: float) -> dict[str, float]:
-    text = mark(prose(10_000, seed=11, site_rate=density))
+def decode_time(known: list[str], docs: list[str]) -> dict[str, float]:
+    texts = leak(KEYS, docs, TARGET, 10_000, random.Random(11))
     t0 = time.perf_counter()
     index = AccountIndex(KEYS, known)
     t1 = time.perf_counter()
-    detect(KEYS, [text], index, null_keys=0)
+    detect(KEYS, texts, index, null_keys=0)
     t2 = time.perf_counter()
-    return {"account_index_s": round(t1 - t0, 2), "detect_s": round(t2 - t1, 2),
-            "total_s": round(t2 - t0, 2)}
-
-
-def stream_cost(density: float, events: int) -> dict[str, float]:
-    words = prose(events, seed=5, site_rate=density).split(" ")
-    blocks = []
-    for i, w in enumerate(words[:events]):
-        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
-                 "choices": [{"index": 0, "delta": {"content": (" " if i else "") + w},
-                              "finish_reason": None}]}
-        blocks.append(b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n")
-    blocks.append(b"data: [DONE]\n\n")
-    headers = [(b"content-type", b"text/event-stream")]
-
-    def run(with_canary: bool) -> float:
-        stage = CanaryStage("openai", lambda: Marker(KEYS, KEYS.code(TARGET)))
-        stage.start(200, headers)
-        sink = []
-        t0 = time.process_time()
-        for i, block in enumerate(blocks):
-            final = i == len(blocks) - 1
-            sink.append(stage.chunk(block, final) if with_canary else block)
-        return (time.process_time() - t0) / len(blocks) * 1e6
-
-    run(True)
-    plain, marked = min(run(False) for _ in range(3)), min(run(True) for _ in range(3))
-    marker = Marker(KEYS, KEYS.code(TARGET))
-    marker.mark((REPO / "tests" / "data" / "prose.txt").read_text())
-    return {"us_per_event_without_canary": round(plain, 2),
-            "us_per_event_with_canary": round(marked, 2),
-            "us_added_per_event": round(marked - plain, 2),
-            "words_changed_share_sample_prose": round(marker.stats.changed_share, 4)}
+    return {"account_index_s": round(t1 - t0, 2), "detect_s": round(t2 - t1, 2)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smaller runs (minutes -> s)")
+    parser.add_argument("--quick", action="store_true", help="10^4 accounts, fewer trials")
+    parser.add_argument("--parts", default="a,b,c,d,e,f,g")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--parts", default="a,t,b,c,d,e,f",
-                        help="which parts to run (t: verbatim with the tripwire on)")
-    parser.add_argument("--density", type=float, default=None,
-                        help="share of words that are lexicon sites (default: as measured "
-                             "on tests/data/prose.txt)")
+    parser.add_argument("--sample", type=Path, default=Path("bench/canary_sample.md"))
     args = parser.parse_args()
     parts = set(args.parts.split(","))
-    quick = args.quick
-    known = accounts(10_000 if quick else 1_000_000)
-    density = args.density if args.density is not None else site_density()
-    print(f"lexicon: {len(PAIRS)} pairs; site density {density:.1%}; "
-          f"known accounts {len(known):,}")
-    results: dict[str, object] = {"pairs": len(PAIRS), "site_density": density,
-                                  "known_accounts": len(known)}
+    known = accounts(10_000 if args.quick else 1_000_000)
+    trials = 3 if args.quick else 5
+    corpus = kinds()
     index = AccountIndex(KEYS, known)
-    sizes = [250, 500, 750, 1000, 1500, 2000, 2500, 3000, 5000, 7500, 10000, 15000, 20000,
-             30000, 40000]
-    trials = 3 if quick else 5
-    if "a" in parts:
-        results["a_verbatim"] = words_needed(index, density, 0.0, trials, sizes)
-        print("(a) verbatim:", results["a_verbatim"])
-    if "t" in parts:
-        results["a_verbatim_tripwire"] = words_needed(index, density, 0.0, trials, sizes,
-                                                      tripwire=True)
-        print("(a) verbatim, tripwire on:", results["a_verbatim_tripwire"])
-    if "b" in parts:
-        results["b_rerandomised_30"] = words_needed(index, density, 0.3, trials, sizes)
-        print("(b) 30% re-randomised:", results["b_rerandomised_30"])
+    results: dict[str, object] = {"known_accounts": len(known)}
+
+    def report(name: str, value: object) -> None:
+        results[name] = value
+        print(f"{name}: {json.dumps(value)}", flush=True)
+
+    for kind in KINDS:
+        if "a" in parts:
+            report(f"a_verbatim_{kind}", words_needed(corpus[kind], index, 0.0, trials))
+        if "b" in parts:
+            report(f"b_rerandomised_30_{kind}", words_needed(corpus[kind], index, 0.3, trials))
     if "c" in parts:
-        results["c_distillation"] = distillation(density, 200_000 if quick else 1_000_000,
-                                                 [1000, 2000, 5000, 10000], index)
-        print("(c) distilled student:", results["c_distillation"])
+        report("c_distillation", distillation(corpus, 1_000_000, index))
     if "d" in parts:
-        results["d_false_positives"] = false_positives(density, 200 if quick else 1000,
-                                                       200 if quick else 1000, index)
-        print("(d) false positives:", results["d_false_positives"])
+        report("d_false_positives", false_positives(corpus, 200 if args.quick else 1000,
+                                                    200 if args.quick else 1000, index))
     if "e" in parts:
-        results["e_decode"] = decode_time(known, density)
-        print("(e) decode 10,000 words:", results["e_decode"])
+        report("e_decode_10k_words", decode_time(known, corpus["technical_docs"]))
     if "f" in parts:
-        results["f_stream"] = stream_cost(density, 5000)
-        print("(f) streaming:", results["f_stream"])
+        report("f_stream", stream_cost(KEYS, corpus, 3000))
+    if "g" in parts:
+        report("g_blind_sample", write_sample(KEYS, corpus, args.sample, 200))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -1,8 +1,10 @@
 """Operator endpoints, read-only:
 
     GET  /admin/usage/{account}                 each budget's used / reserved / remaining
-    POST /admin/canary/detect?null_keys=200     body: leaked text -> canary verdict
-    POST /admin/ledger/match?max_distance=6     body: leaked text -> ledger matches
+    POST /admin/canary/detect?null_keys=200&population=N
+                                                body: leaked text -> canary verdict
+    POST /admin/ledger/match?limit=20&common=1000
+                                                body: leaked text -> ledger matches
 
 The last two are what ``guardproxy canary detect`` and ``guardproxy ledger match`` do,
 here because a ``memory://`` ledger lives only inside the proxy process. Admin endpoints
@@ -21,7 +23,8 @@ from urllib.parse import parse_qs
 from starlette.types import Receive, Scope, Send
 
 from guardproxy.canary.detect import AccountIndex, detect
-from guardproxy.canary.ledger import match
+from guardproxy.canary.ledger import COMMON, LIMIT, match
+from guardproxy.canary.settings import known_accounts, population_of
 from guardproxy.exchange import Exchange
 from guardproxy.flow import Pipeline
 from guardproxy.guards.budget import BudgetGuard
@@ -66,7 +69,8 @@ class AdminApp:
     def __init__(self, guarded: GuardMiddleware, token: str) -> None:
         self.guarded = guarded
         self.token = token.encode()
-        self._accounts: AccountIndex | None = None  # built on first use: 10^6 HMACs
+        # built on first use (one HMAC per account), again only after a policy reload
+        self._accounts: tuple[object, AccountIndex] | None = None
 
     @property
     def pipeline(self) -> Pipeline:
@@ -116,12 +120,17 @@ class AdminApp:
         if not guards:
             return 404, {"error": "the policy has no canary rule"}
         null_keys = _int_param(query, "null_keys", 200, 0, 1000)
+        population = (_int_param(query, "population", 1, 1, 2**63 - 1)
+                      if "population" in query else None)
         keys = guards[0].keys
+        policy = self.pipeline.policy
         # scoring is CPU work: keep it off the event loop that is proxying requests
-        if self._accounts is None:
-            accounts = sorted(self.pipeline.identifier.by_id)
-            self._accounts = await asyncio.to_thread(AccountIndex, keys, accounts)
-        verdict = await asyncio.to_thread(detect, keys, [text], self._accounts, null_keys)
+        if self._accounts is None or self._accounts[0] is not policy:
+            accounts = await asyncio.to_thread(known_accounts, policy)
+            self._accounts = policy, await asyncio.to_thread(AccountIndex, keys, accounts)
+        index = self._accounts[1]
+        population_of(index.count, population)   # ValueError: 400, before any scoring
+        verdict = await asyncio.to_thread(detect, keys, [text], index, null_keys, population)
         return 200, verdict.as_dict()
 
     async def ledger_match(self, text: str,
@@ -129,11 +138,13 @@ class AdminApp:
         ledgers = {id(g.ledger): g.ledger for g in self._canaries() if g.ledger is not None}
         if not ledgers:
             return 404, {"error": "no canary rule keeps a ledger"}
-        max_distance = _int_param(query, "max_distance", 6, 0, 64)
+        _int_param(query, "max_distance", 6, 0, 64)  # SimHash-era; accepted, unused
+        limit = _int_param(query, "limit", LIMIT, 1, 1000)
+        common = _int_param(query, "common", COMMON, 1, 2**31)
         found = [m for ledger in ledgers.values()
-                 for m in await match(ledger, text, max_distance)]
-        found.sort(key=lambda m: (m.piece, m.distance))
-        return 200, {"matches": [m.as_dict() for m in found]}
+                 for m in await match(ledger, text, common=common, limit=limit)]
+        found.sort(key=lambda m: m.log10_p)
+        return 200, {"matches": [m.as_dict() for m in found[:limit]]}
 
 
 def _int_param(query: dict[str, list[str]], name: str, default: int, low: int,

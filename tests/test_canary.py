@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 from bench.corpus import prose
 from guardproxy.canary.detect import account_bits, detect, observe, position_votes, score_code
 from guardproxy.canary.keys import CanaryKeys
-from guardproxy.canary.ledger import simhash64
 from guardproxy.canary.lexicon import ARTICLE_SENSITIVE, INDEX, PAIRS, takes_an
 from guardproxy.canary.marker import Marker
 from guardproxy.canary.stats import log10_p
+from tests.canary_forms import normal_form
 
 PROSE = (Path(__file__).parent / "data" / "prose.txt").read_text()
 KEYS = CanaryKeys("test-secret-0123456789")
@@ -24,24 +24,23 @@ WORDS = [w for pair in PAIRS for w in pair]
 
 
 def canonical(text: str) -> str:
-    """Every lexicon word replaced by its pair: equal iff only lexical choices differ."""
-    def sub(m: re.Match[str]) -> str:
-        entry = INDEX.get(m.group().lower())
-        return f"<{entry[0]}>" if entry else m.group()
-    return re.sub(r"[A-Za-z]+", sub, text)
+    """Equal iff only choices a canary channel makes differ."""
+    return normal_form(text)
 
 
 def mark(text: str, account: str = "alice", **kw: object) -> str:
     return Marker(KEYS, KEYS.code(account), **kw).mark(text)  # type: ignore[arg-type]
 
 
-def test_marks_change_only_lexical_choices_and_few_words() -> None:
-    marker = Marker(KEYS, KEYS.code("alice"))
-    out = marker.mark(PROSE)
-    assert out != PROSE
-    assert canonical(out) == canonical(PROSE)
-    assert marker.stats.sites >= 10
-    assert marker.stats.changed_share <= 0.05, marker.stats
+def test_marks_change_only_channel_choices_and_few_words() -> None:
+    for path in sorted((Path(__file__).parent / "data" / "corpus" / "assistant").glob("*.md")):
+        text = path.read_text()
+        marker = Marker(KEYS, KEYS.code("alice"))
+        out = marker.mark(text)
+        assert out != text
+        assert canonical(out) == canonical(text)
+        assert marker.stats.sites >= 5
+        assert marker.stats.changed_share <= 0.05, marker.stats
 
 
 def test_deterministic_per_key_and_account() -> None:
@@ -165,51 +164,3 @@ def test_attribution_p_value_is_honest_against_other_accounts() -> None:
     assert sum(p < -2 for p in p_values) <= 2000 * 0.01 * 2
     assert sum(p < -1 for p in p_values) <= 2000 * 0.1 * 1.3
     assert min(p_values) > -6
-
-
-def simhash_reference(text: str) -> int:
-    """The textbook SimHash, bit by bit: what the fast one must equal."""
-    import hashlib
-
-    words = re.findall(r"[a-z0-9]+", text.lower())
-    shingles = [" ".join(words[i:i + 3]) for i in range(len(words) - 2)] \
-        if len(words) >= 3 else words
-    weights = [0] * 64
-    for shingle in shingles:
-        h = int.from_bytes(hashlib.blake2b(shingle.encode(), digest_size=8).digest(), "big")
-        for bit in range(64):
-            weights[bit] += 1 if h >> bit & 1 else -1
-    return sum(1 << bit for bit in range(64) if weights[bit] > 0)
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.sampled_from([*WORDS[:40], "the", "code", "42", "a"]), max_size=300))
-def test_simhash_equals_the_reference(words: list[str]) -> None:
-    text = " ".join(words)
-    assert simhash64(text) == simhash_reference(text)
-
-
-def test_simhash_is_close_for_near_copies_and_far_otherwise() -> None:
-    a, b = prose(300, seed=3), prose(300, seed=4)
-    edited = a.replace(" the ", " a ", 3)
-    assert (simhash64(a) ^ simhash64(edited)).bit_count() <= 6
-    assert (simhash64(a) ^ simhash64(b)).bit_count() > 16
-
-
-async def test_ledger_matches_pasted_lines_and_single_paragraphs() -> None:
-    from guardproxy.canary.ledger import LedgerEntry, MemoryLedger, match, paragraph_hashes
-
-    ledger = MemoryLedger(100)
-    answers = [" ".join(prose(120, seed=20 + i).split()) for i in range(3)]  # one line each
-    two_part = prose(80, seed=30) + "\n\n" + prose(80, seed=31)
-    for i, text in enumerate([*answers, two_part]):
-        await ledger.record(LedgerEntry(simhash64(text), f"acct-{i}", f"req-{i}", 0.0,
-                                        len(text.split()), paragraph_hashes(text)))
-    pasted = "\n".join(answers)  # several answers, one per line: no blank lines
-    found = await match(ledger, pasted)
-    assert {(m.piece, m.entry.account) for m in found if m.distance == 0} >= {
-        (1, "acct-0"), (2, "acct-1"), (3, "acct-2")}
-    second_paragraph = two_part.split("\n\n")[1]
-    hits = await match(ledger, "Intro.\n\n" + second_paragraph)
-    assert [m.entry.account for m in hits if m.distance == 0] == ["acct-3"]
-    assert not await match(ledger, prose(120, seed=99))

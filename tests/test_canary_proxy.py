@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +28,7 @@ rules:
   - name: marks
     canary:
       secret: {SECRET}
-      ledger: {{store: file, path: ledger.jsonl}}
+      ledger: {{store: file, path: ledger.sqlite}}
 """
 PROMPT = [{"role": "user", "content": "tell me often and usually what works"}]
 
@@ -106,8 +107,8 @@ def test_ledger_and_detect_attribute_leaked_outputs(tmp_path: Path, fake: str) -
             prompt = [{"role": "user", "content": f"question {i} often usually perhaps {i * 7}"}]
             r = client.chat.completions.create(model="m", max_tokens=300, messages=prompt)
             leaked.append(r.choices[0].message.content or "")
-    ledger = tmp_path / "ledger.jsonl"
-    assert len(ledger.read_text().splitlines()) == 40
+    ledger = sqlite3.connect(tmp_path / "ledger.sqlite")
+    assert ledger.execute("SELECT count(*) FROM entries").fetchone() == (40,)
     leak = tmp_path / "leak.txt"
     leak.write_text(leaked[3])
     policy = str(tmp_path / "policy.yaml")
@@ -165,7 +166,7 @@ def test_admin_detect_and_match_read_the_in_process_memory_ledger(tmp_path: Path
     assert report["accounts"][0]["account"] == "carol"
     assert report["accounts"][0]["log10_p_bonferroni"] < -6
     rows = matched.json()["matches"]
-    assert rows and {r["account"] for r in rows} == {"carol"} and rows[0]["distance"] <= 6
+    assert rows and {r["account"] for r in rows} == {"carol"} and rows[0]["shared"] > 0
     assert unauthorised.status_code == 401
     assert bad_param.status_code == 400 and "null_keys" in bad_param.json()["error"]
     assert (wrong_method.status_code, too_big.status_code) == (405, 413)
@@ -187,15 +188,15 @@ def test_redis_ledger_is_shared_bounded_and_read_by_the_cli(
                 model="m", max_tokens=200,
                 messages=[{"role": "user", "content": f"question {len(answers)} {i}"}],
             ).choices[0].message.content or "" for i in range(4)]
-    stored = redis.Redis.from_url(redis_url).xlen(f"{prefix}:ledger")
-    assert stored == 5, "the stream is trimmed to max_entries"
+    stored = redis.Redis.from_url(redis_url).hlen(f"{prefix}:ledger:{{{prefix}}}:e")
+    assert stored == 5, "the ledger is trimmed to max_entries"
     leak = tmp_path / "leak.txt"
     leak.write_text(answers[-1])
     found = CliRunner().invoke(main, ["ledger", "match", str(leak), "--policy", str(policy),
                                       "--json"])
     assert found.exit_code == 0, found.output
     rows = json.loads(found.stdout)
-    assert rows and rows[0]["account"] == "alice" and rows[0]["distance"] == 0
+    assert rows and rows[0]["account"] == "alice" and rows[0]["shared"] > 0
 
 
 def test_probe_scores_a_suspect_api(tmp_path: Path, fake: str) -> None:

@@ -227,7 +227,7 @@ def test_shadow_mode_passes_the_upstream_bytes_and_records_the_text(
         recorded.append(text)
 
     stage = CanaryStage("anthropic" if kind == "anthropic" else "openai",
-                        lambda: Marker(KEYS, KEYS.code("alice"), lexical=False), record,
+                        lambda: Marker(KEYS, KEYS.code("alice"), channels=()), record,
                         rewrite=False)
     assert drive([stage], 200, SSE, body, cuts) == body
     assert recorded == [TEXT], "the ledger gets the text the client got"

@@ -63,6 +63,17 @@ def used_tokens(app: ProxyApp, account: str = "bob") -> tuple[int, int]:
     return asyncio.run(read())
 
 
+def settled_tokens(app: ProxyApp, account: str = "bob") -> tuple[int, int]:
+    """``used_tokens`` once every response has settled: a stream's charge is settled just
+    after its last byte reaches the client, so a reading right after can precede it."""
+    deadline = time.monotonic() + 10
+    used, reserved = used_tokens(app, account)
+    while reserved and time.monotonic() < deadline:
+        time.sleep(0.02)
+        used, reserved = used_tokens(app, account)
+    return used, reserved
+
+
 def test_openai_sdk_json_stream_and_typed_errors(tmp_path: Path, fake: str) -> None:
     app, _ = start(tmp_path, fake)
     with running_server(app) as url:
@@ -125,7 +136,7 @@ def test_budget_charges_real_usage_across_shapes(tmp_path: Path, fake: str) -> N
         list(client.chat.completions.create(model="m", max_tokens=10, stream=True,
                                             messages=msgs,
                                             extra_headers={"x-fake-no-usage": "1"}))
-        used, reserved = used_tokens(app)
+        used, reserved = settled_tokens(app)
     assert reserved == 0
     reported = (6 + 7) + (6 + 8) + (6 + 9)
     assert used > reported + 6  # the estimated response is charged something

@@ -338,7 +338,7 @@ class Boom(BaseStage):
 SSE_BODY = stream(chunk("It is often big, "), chunk("and quickly simple."),
                   chunk(" Often", "stop"), USAGE_CHUNK)
 JSON_BODY = json.dumps({"id": "x", "object": "chat.completion", "choices": [
-    {"index": 0, "message": {"role": "assistant", "content": "It is often big and simple."},
+    {"index": 0, "message": {"role": "assistant", "content": "Everyone went toward someone."},
      "finish_reason": "stop"}], "usage": {"prompt_tokens": 21, "completion_tokens": 4}}
                        ).encode()
 

@@ -29,7 +29,6 @@ import asyncio
 import copy
 import itertools
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,13 +39,13 @@ from hypothesis import strategies as st
 
 from guardproxy.canary import responses_api as rapi
 from guardproxy.canary.keys import CanaryKeys
-from guardproxy.canary.lexicon import PAIRS
 from guardproxy.canary.marker import Marker
 from guardproxy.canary.stage import CanaryStage
 from guardproxy.dialects import get_dialect
 from guardproxy.response.driver import ResponseDriver
 from guardproxy.response.events import Ending, ResponseStage
 from guardproxy.response.usage import Usage, UsageMeter
+from tests.canary_forms import normal_form
 from tests.streams import SSE, feed, fields, frame, pieces
 
 PROSE = (Path(__file__).parent / "data" / "prose.txt").read_text()
@@ -54,7 +53,6 @@ KEYS = CanaryKeys("property-secret-0123456789abcdef")
 CODE = KEYS.code("alice")
 DONE = "[DONE]"
 PING = None   # an SSE comment line (": ping"), as proxies send to keep streams alive
-PAIR_SET = {frozenset(pair) for pair in PAIRS}
 SETTINGS = settings(max_examples=150, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 cuts = st.lists(st.integers(0, 1 << 20), max_size=30)
@@ -65,7 +63,7 @@ def enforce_marker() -> Marker:
 
 
 def shadow_marker() -> Marker:  # what the canary guard builds for a shadow rule
-    return Marker(KEYS, CODE, lexical=False, tripwire=False)
+    return Marker(KEYS, CODE, channels=(), tripwire=False)
 
 
 # -- how an upstream writes events ---------------------------------------------------
@@ -415,22 +413,10 @@ def is_carrier(kind: str, obj: Any) -> bool:
         kind != "chat" or set(choice["delta"]) == {"content"})
 
 
-_WORD = re.compile(r"([^A-Za-z0-9]*?)([A-Za-z]+)([^A-Za-z0-9]*)")
-
-
 def same_words(upstream: str, client: str) -> None:
-    """Same whitespace-separated tokens in the same order; a differing pair is a lexicon
-    pair, with the same punctuation around it and the same case pattern."""
-    a, b = upstream.split(), client.split()
-    assert len(a) == len(b), (a, b)
-    for x, y in zip(a, b, strict=True):
-        if x == y:
-            continue
-        mx, my = _WORD.fullmatch(x), _WORD.fullmatch(y)
-        assert mx and my, (x, y)
-        assert (mx[1], mx[3]) == (my[1], my[3]), (x, y)
-        assert frozenset((mx[2].lower(), my[2].lower())) in PAIR_SET, (x, y)
-        assert [c.isupper() for c in mx[2][:2]] == [c.isupper() for c in my[2][:2]], (x, y)
+    """The same text but for choices a canary channel makes (lexicon words, apostrophes,
+    contractions, emphasis and list marks)."""
+    assert normal_form(upstream) == normal_form(client), (upstream, client)
 
 
 def events(kind: str, blocks: list[bytes]) -> list[tuple[bytes, str, Any]]:

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+from guardproxy.canary.slots import CHANNELS
 
 TAG_BITS = 32        # codeword positions 0..31: the lookup tag
 CODE_BITS = 256      # positions 32..255: check bits
@@ -42,8 +45,10 @@ class Tripwire:
 
 
 class CanaryKeys:
-    def __init__(self, secret: str | bytes, rate: float = 1.0) -> None:
+    def __init__(self, secret: str | bytes, rate: float = 1.0,
+                 channels: Iterable[str] = CHANNELS) -> None:
         master = secret.encode() if isinstance(secret, str) else secret
+        self.channels = frozenset(channels)  # the mark channels text is read for
         self.site_key = hmac.digest(master, b"guardproxy/canary/site", "sha256")
         self.tag_key = hmac.digest(master, b"guardproxy/canary/tag", "sha256")
         self.wire_key = hmac.digest(master, b"guardproxy/canary/tripwire", "sha256")

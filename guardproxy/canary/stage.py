@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -37,15 +38,23 @@ from guardproxy.response.sse import encode_event
 log = logging.getLogger("guardproxy.canary")
 
 
+_PLAIN = re.compile(r"[ !#-\[\]-~]*")   # printable ASCII but '"' and '\\': JSON as is
+
+
+def _quote(value: str, ascii_only: bool) -> str:
+    if _PLAIN.fullmatch(value):
+        return f'"{value}"'  # what json.dumps writes, without its cost
+    return json.dumps(value, ensure_ascii=ascii_only)
+
+
 def _swap(block: bytes, key: str, old: str, new: str) -> bytes | None:
     """Replace one JSON string value in the raw event, leaving every other byte as the
     upstream wrote it; None when the value is not found exactly once."""
     for ascii_only in (False, True):
         for sep in (":", ": "):
-            needle = f'"{key}"{sep}{json.dumps(old, ensure_ascii=ascii_only)}'.encode(
-                "utf-8", "surrogatepass")
+            needle = f'"{key}"{sep}{_quote(old, ascii_only)}'.encode("utf-8", "surrogatepass")
             if block.count(needle) == 1:
-                value = json.dumps(new, ensure_ascii=ascii_only)
+                value = _quote(new, ascii_only)
                 return block.replace(needle, f'"{key}"{sep}{value}'.encode(
                     "utf-8", "surrogatepass"))
     return None
@@ -207,7 +216,9 @@ class CanaryStage(BaseStage):
             text = holder.get(key)
             new = None
             if isinstance(text, str) and text:
-                new = self._feed(index, text, functools.partial(
+                # the carrier is only kept for a choice's first text
+                carrier = self.carriers.get(index) if index in self.markers else None
+                new = self._feed(index, text, carrier or functools.partial(
                     self._carrier, obj, index, name=event.name, chat=chat))
             if choice.get("finish_reason") is not None:
                 rest = self._rest(index)

@@ -1,135 +1,316 @@
-"""Cutting prose into marking sites, identically for a stream and for a whole text.
+"""Cutting text into units and slots, identically for a stream and for a whole text.
 
-The text is read as whitespace runs and chunks (runs of non-whitespace). A chunk is
-only final once whitespace follows it, so a stream holds back at most its trailing
-partial chunk: the same text gives the same sites however it was split. Nothing is ever
-a site inside fenced or indented code, inline code, URLs or e-mail addresses, and words
-with digits or inner punctuation are never touched.
+The text is read as whitespace runs and chunks (runs of non-whitespace). A chunk is only
+final once whitespace follows it, and it is only sent once the next chunk is known (a
+word next to code is left alone, a ``-`` is a bullet only if an item follows it), so a
+stream holds back at most one word and a partial one: the same text gives the same
+slots however it was split.
 
-A site's *context* is the two previous words in canonical form, where each word of the
-lexicon stands for its pair: choosing either word of a pair (ours or an attacker's)
-never changes the context of any other site. A pair whose words take different
-articles is no site right after *a* or *an*.
+Nothing is ever a slot in fenced or indented code, inside a backtick run of any length,
+in URLs and e-mail addresses, inside quotes, inside ``[...]``/``{...}`` (link text,
+JSON), on a markdown table row, on a key-value or assignment line and the YAML block
+it opens, on a tab- or column-aligned line, or next to a code-like chunk (see
+``shapes``). Capitalised words are slots only where a sentence starts (elsewhere they
+may be names), and all-capitals words never are.
+
+A slot's *context* is the two previous chunks in canonical form, where each word of the
+lexicon stands for its pair and every channel's variants read alike: choosing any
+variant (ours or an attacker's) never changes the context of any other slot.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
+from guardproxy.canary import contractions
+from guardproxy.canary.channels import Channels
 from guardproxy.canary.keys import ZW_ONE, ZW_ZERO
-from guardproxy.canary.lexicon import ARTICLE_SENSITIVE, INDEX
+from guardproxy.canary.shapes import (
+    BULLETS,
+    KEY,
+    ORDERED,
+    PROSE,
+    QUOTES,
+    SENTENCE_END,
+    canonical,
+    code_like,
+)
+from guardproxy.canary.slots import CONTRACTION, LEXICAL, MARKDOWN, TYPOGRAPHY, Slot, Unit
 
 _PIECES = re.compile(r"\s+|\S+")
-_WORD = re.compile(r"([^A-Za-z0-9]*?)([A-Za-z]+)([^A-Za-z0-9]*)")
 _ZW = (ZW_ZERO, ZW_ONE)
-_ARTICLES = frozenset({"a", "an"})
-LOWER, TITLE, UPPER = 0, 1, 2
-
-
-@dataclass(slots=True)
-class Unit:
-    text: str
-    word_start: int = 0         # where the word core starts in text
-    core: str = ""              # the word, when the chunk is a plain word
-    context: bytes = b""        # left context + own canonical word (plain words only)
-    pair: int = -1              # lexicon pair when the word is a marking site, else -1
-    member: int = -1
-    case: int = LOWER
-    zw: str = ""                # zero-width characters the chunk carried
-
-
-def _case(core: str) -> int | None:
-    if core.islower():
-        return LOWER
-    if core[0].isupper() and (len(core) == 1 or core[1:].islower()):
-        return TITLE
-    if core.isupper():
-        return UPPER
-    return None
-
-
-def apply_case(word: str, case: int) -> str:
-    return word.capitalize() if case == TITLE else word.upper() if case == UPPER else word
+_TICKS = re.compile(r"`+")
+_PROMPTS = frozenset({">>>", "...", "$", "%", "PS>", "C:\\>"})
+_COLUMN_GAP = re.compile(r"\t| {2,}")
+PROSE_CHANNELS = (LEXICAL, TYPOGRAPHY, CONTRACTION)
 
 
 class Scanner:
+    """Turns text into units, fed in any pieces; ``flush`` ends the text."""
+
     def __init__(self) -> None:
+        self.channels = Channels()
         self.pending = ""
+        self.held: Unit | None = None       # the last complete chunk, until the next
+        self.held_bullet = False
+        self._bullet_pending = False
+        self.chunk_code = False             # the last chunk read is code-like
+        self.held_first = False
+        self.held_data = False
+        self.first_item: list[Unit] = []    # a list's first bullet, until its item is read
+        self.waiting: list[Unit] = []       # "does" and a space, until "not" is read
+        self.held_ws: list[Unit] = []
+        self.gap = ""                       # whitespace between held and next chunk
         self.history = ("^", "^")
+        # line state
         self.line_start = True
+        self.content_start = True           # next chunk is the first after any marker
+        self.blank = True                   # the previous line was blank
+        self.line_chunks = 0
         self.indent = 0
         self.code_line = False
-        self.in_fence = False
-        self.in_inline = False
+        self.line_protected = False
+        self.sentence_start = True
+        self.prev_code = False
+        # block state
+        self.fence = ""
+        self.ticks = 0                      # length of the open code span's run
+        self.quote = ""                     # the closing quote awaited
+        self.depth = 0                      # open [ and {
+        self.yaml = False
 
+    # -- feeding -------------------------------------------------------------------------
     def feed(self, text: str, final: bool = False) -> list[Unit]:
         buf = self.pending + text if self.pending else text
         self.pending = ""
-        units = []
-        end = len(buf)
-        for match in _PIECES.finditer(buf):
-            piece = match.group()
+        out: list[Unit] = []
+        pieces = _PIECES.findall(buf)   # they cover buf: the last one ends it
+        if pieces and not final and not pieces[-1][0].isspace():
+            self.pending = pieces.pop()  # may continue in the next delta
+        for piece in pieces:
             if piece[0].isspace():
                 self._whitespace(piece)
-                units.append(Unit(piece))
-            elif match.end() == end and not final:
-                self.pending = piece  # may continue in the next delta
+                if self.held is None:
+                    out.append(Unit(piece))
+                else:
+                    self.gap += piece
+                    self.held_ws.append(Unit(piece))
             else:
-                units.append(self._chunk(piece))
-        return units
+                first = self.content_start
+                unit = self._chunk(piece)
+                data_line = self.line_protected or self.yaml or self.depth > 0
+                self._release(out, piece, unit)
+                self.held, self.held_bullet = unit, self._bullet_pending
+                self.held_first = first and not self._bullet_pending
+                self.held_data = data_line
+        if final:
+            self._release(out, None, None)
+        return out
 
+    def flush(self) -> list[Unit]:
+        return self.feed("", final=True)
+
+    def _release(self, out: list[Unit], following: str | None, nxt: Unit | None) -> None:
+        """Send the held chunk, now that what follows it (``following``, read as
+        ``nxt``) is known."""
+        held = self.held
+        if held is None:
+            return
+        line_ends = following is None or "\n" in self.gap
+        if (following is not None and self.chunk_code) \
+                or _COLUMN_GAP.search(self.gap) or (self.held_first and line_ends):
+            # next to code, in a column, or alone on its line (a YAML "- value", a
+            # name): not prose
+            held.prose = False
+            held.pending = None
+            if held.slots:
+                held.drop(*PROSE_CHANNELS)
+        if held.slots:
+            rule = following in BULLETS or following == "+"
+            if self.held_bullet and ((rule and not line_ends) or (line_ends and _leads(held))):
+                # "- - -" is a rule; a "-" alone that no list expects may underline a
+                # heading (an empty item of a list follows the list)
+                held.drop(MARKDOWN)
+            contractions.before_subject(held, following)
+        if self.waiting:  # "does" + " " wait for this "not"
+            contractions.complete(self.waiting[0], self.waiting[1:], held, following,
+                                  self.channels.ident())
+            out.extend(self.waiting)
+            self.waiting = []
+        if self.held_bullet and _leads(held) and not line_ends:
+            # a list's first bullet waits for its item: "- value" alone on its line or
+            # "- key: value" is YAML, where "*" would change the data
+            self.first_item = [held, *self.held_ws]
+        else:
+            if self.first_item:
+                if self.held_first and (line_ends or self.held_data):
+                    self.first_item[0].drop(MARKDOWN)
+                out.extend(self.first_item)
+                self.first_item = []
+            if held.pending is not None and nxt is not None \
+                    and contractions.follows(nxt, self.gap):
+                self.waiting = [held, *self.held_ws]
+            else:
+                held.pending = None
+                out.append(held)
+                out.extend(self.held_ws)
+        self.held, self.held_ws, self.gap = None, [], ""
+
+    # -- line and block state ------------------------------------------------------------
     def _whitespace(self, run: str) -> None:
-        newline = run.rfind("\n")
-        if newline >= 0:
-            self.line_start, self.code_line, self.in_inline = True, False, False
+        newlines = run.count("\n")
+        if newlines:
+            blank = newlines > 1 or self.line_chunks == 0
+            self.line_start = self.content_start = self.sentence_start = True
+            self.code_line = self.line_protected = self.prev_code = False
+            self.quote = ""
+            self.line_chunks = 0
             self.indent = 0
-            run = run[newline + 1:]
+            if blank:
+                self.channels.new_paragraph()
+                self.blank = True
+                self.depth = 0
+                self.ticks = 0
+                self.yaml = False
+            run = run[run.rfind("\n") + 1:]
+        elif _COLUMN_GAP.search(run) and not self.line_start:
+            self.line_protected = True  # a column-aligned or tab-separated row
         if self.line_start:
             self.indent += run.count(" ") + 4 * run.count("\t")
 
     def _chunk(self, chunk: str) -> Unit:
-        at_line_start, self.line_start = self.line_start, False
-        if chunk.startswith(("```", "~~~")):  # a fence, or a code span of its own kind
-            self.in_fence = not self.in_fence
+        prose = PROSE.fullmatch(chunk)
+        self.chunk_code = code_like(chunk, prose)   # read again when the held one is released
+        self._bullet_pending = False
+        first, self.line_start = self.line_start, False
+        content_first, self.content_start = self.content_start, False
+        after_blank, self.blank = self.blank and first, False
+        self.line_chunks += 1
+        if first and self.indent < 4 and chunk.startswith(("```", "~~~")):
+            if not self.fence:
+                self.fence = chunk[0]
+            elif chunk.strip(chunk[0]) == "" and chunk[0] == self.fence:
+                self.fence = ""
             return Unit(chunk)
-        if self.in_fence:
+        if self.fence:
             return Unit(chunk)
-        if at_line_start and self.indent >= 4:
-            self.code_line = True
+        if first and self.indent >= 4 and not (self.channels.lists and _list_marker(chunk)):
+            self.code_line = True  # indented code, or a continuation: left alone either way
         if self.code_line:
             return Unit(chunk)
-        ticks = chunk.count("`")
-        if self.in_inline or ticks:
-            if ticks % 2:
-                self.in_inline = not self.in_inline
+        if self.ticks or "`" in chunk:
+            for run in _TICKS.findall(chunk):
+                if not self.ticks:
+                    self.ticks = len(run)
+                elif len(run) == self.ticks:
+                    self.ticks = 0
+            self.prev_code = True
             return Unit(chunk)
         if "://" in chunk or chunk.startswith("www.") or "@" in chunk:
+            self.prev_code = True
             return Unit(chunk)
         zw = ""
-        clean = chunk
         if ZW_ZERO in chunk or ZW_ONE in chunk:
             zw = "".join(c for c in chunk if c in _ZW)
             clean = "".join(c for c in chunk if c not in _ZW)
-        match = _WORD.fullmatch(clean)
+        else:
+            clean = chunk
+        match = prose if clean is chunk else PROSE.fullmatch(clean)
+        if content_first:
+            marker = self._line_marker(clean, after_blank, first)
+            if marker is not None:
+                return marker
+            if clean.startswith("|"):
+                self.line_protected = True
+            elif KEY.fullmatch(clean):
+                self.line_protected = self.yaml = True
+        quoted = self.quote
+        protected = self._protected(clean)
+        speech = quoted in ('"', "\u201d") and not (self.line_protected or self.yaml
+                                                    or self.depth)
         h0, h1 = self.history
+        was_code, self.prev_code = self.prev_code, self.chunk_code
+        sentence, self.sentence_start = self.sentence_start, _ends_sentence(clean)
         if match is None:
-            self.history = (h1, "_")
+            self.history = (h1, canonical(clean))
             return Unit(chunk, zw=zw)
-        core = match.group(2)
-        lower = core.lower()
-        entry = INDEX.get(lower)
-        canon = f"#{entry[0]}" if entry else lower
-        self.history = (h1, canon)
-        unit = Unit(chunk, word_start=len(match.group(1)), core=core, zw=zw,
-                    context=f"{h0}\x1f{h1}\x1f{canon}".encode())
-        case = _case(core)
-        # "a huge" must not become "a enormous": the article is left context, so this
-        # is decided the same way when marking a stream and when detecting
-        if entry is not None and case is not None and not (
-                entry[0] in ARTICLE_SENSITIVE and h1 in _ARTICLES):
-            unit.pair, unit.member, unit.case = entry[0], entry[1], case
+        tokens, unit = self.channels.word(chunk, clean, match, h0, h1, zw,
+                                          sentence=sentence,
+                                          prose=not (protected or was_code or self.prev_code),
+                                          speech=speech)
+        for token in tokens:
+            self.history = (self.history[1], token)
         return unit
 
-    def flush(self) -> list[Unit]:
-        return self.feed("", final=True)
+    def _line_marker(self, chunk: str, after_blank: bool, first: bool) -> Unit | None:
+        """A list bullet, a list number, a heading or quote marker at the line start."""
+        if _list_marker(chunk):
+            self.content_start = self.sentence_start = True
+            h0, h1 = self.history
+            self.history = (h1, "_")
+            if not first:  # "- - -" or "- * item": a rule or a rarity, left alone
+                return Unit(chunk)
+            self._bullet_pending = True
+            return self.channels.list_marker(chunk, self.indent, h0, h1)
+        if chunk.strip("#") == "" or chunk.strip(">") == "" or chunk in _PROMPTS:
+            # a heading (links point at its words), a quotation (a mark would misquote),
+            # a doctest or shell prompt: the whole line is left alone
+            self.line_protected = True
+            self.history = (self.history[1], "_")
+            return Unit(chunk)
+        if after_blank and self.indent == 0:
+            self.channels.end_lists()  # a paragraph after a blank line ends every list
+        return None
+
+    def _protected(self, chunk: str) -> bool:
+        """Quoted, bracketed, on a protected line, or in a YAML block."""
+        inside = self.line_protected or self.yaml or self.depth > 0 or bool(self.quote)
+        if _DATA.search(chunk):
+            opens = chunk.count("{") + chunk.count("[")
+            closes = chunk.count("}") + chunk.count("]")
+            self.depth = max(0, self.depth + opens - closes)
+            inside = True
+            if "=" in chunk or "|" in chunk:
+                self.line_protected = True
+        elif chunk == "->":
+            self.line_protected = inside = True
+        if not self.quote and chunk[0] not in _QUOTE_START:
+            return inside
+        body = chunk.lstrip("(")
+        if body[:1] in "bfruBFRU" and body[1:2] in QUOTES:  # b"…", f'…': a string literal
+            body = body[1:]
+        if not self.quote and body[:1] in QUOTES:
+            self.quote = QUOTES[body[0]]
+            inside = True
+            body = body[1:]
+        if self.quote and body.rstrip(".,;:!?)*").endswith(self.quote):
+            self.quote = ""
+            inside = True
+        return inside
+
+
+_CLOSERS = ")\"'\u201d\u2019*_"
+_DATA = re.compile(r"[\[\]{}=|]")
+_QUOTE_START = frozenset(QUOTES) | frozenset("(bfruBFRU")
+
+
+def _ends_sentence(chunk: str) -> bool:
+    return chunk.rstrip(_CLOSERS)[-1:] in SENTENCE_END
+
+
+def _leads(unit: Unit) -> bool:
+    """A unit whose first slot makes a choice of its own (a list's first bullet; one
+    bound to differ from the list before it must not be dropped, nor wait)."""
+    return bool(unit.slots) and bool(unit.slots[0].context)  # type: ignore[index]
+
+
+def _list_marker(chunk: str) -> bool:
+    return chunk in BULLETS or chunk == "+" or ORDERED.fullmatch(chunk) is not None
+
+
+def read_slots(text: str) -> list[Slot]:
+    """Every slot of a whole text that makes a choice of its own (detection's sites),
+    in order: ``Slot.context`` and ``Slot.member`` are what a site's keyed choice is
+    compared with, ``Slot.channel`` names the channel."""
+    return [slot for unit in Scanner().feed(text, final=True) for slot in unit.slots or ()
+            if slot.context]

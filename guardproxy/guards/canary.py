@@ -4,7 +4,7 @@
       when: {tier: free}
       canary:
         secret: ${GUARDPROXY_CANARY_SECRET}   # at least 16 characters; never logged
-        marks: [lexical]                      # keyed word choice
+        marks: [lexical, typography, markdown] # the default: every meaning-free channel
         tripwire: false                       # zero-width account code (verbatim copies only)
         rate: 1.0                             # share of sites marked
         ledger: true                          # or {store: state | file, path: F, max_entries: N}
@@ -24,14 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from guardproxy.canary.keys import CanaryKeys
-from guardproxy.canary.ledger import (
-    Ledger,
-    LedgerEntry,
-    open_ledger,
-    paragraph_hashes,
-    simhash64,
-)
+from guardproxy.canary.ledger import Ledger, fingerprint_entry, open_ledger, parse_max_age
 from guardproxy.canary.marker import Marker
+from guardproxy.canary.slots import CHANNELS, RECOMMENDED
 from guardproxy.canary.stage import CanaryStage
 from guardproxy.exchange import Exchange
 from guardproxy.guards.base import Outcome, Phase, RuleKind, Runtime
@@ -39,7 +34,7 @@ from guardproxy.policy.model import Rule
 from guardproxy.policy.reader import Reader
 
 log = logging.getLogger("guardproxy.canary")
-MARKS = ("lexical",)
+MARKS = CHANNELS
 
 
 @dataclass(frozen=True)
@@ -47,18 +42,24 @@ class LedgerSettings:
     store: str              # "state" | "file"
     path: Path | None
     max_entries: int
+    max_age: float | None = None    # seconds; None: bounded by max_entries only
+
+
+# default retention: a 500-word response costs ~2.5 KB in Redis, ~4 KB in memory, ~1.3 KB on disk
+STATE_ENTRIES = 100_000
+FILE_ENTRIES = 1_000_000
 
 
 @dataclass(frozen=True)
 class CanarySettings:
     secret: str = ""
-    lexical: bool = True
+    marks: frozenset[str] = RECOMMENDED
     tripwire: bool = False
     rate: float = 1.0
     ledger: LedgerSettings | None = None
 
     def __repr__(self) -> str:  # the secret must never reach a log line
-        return (f"CanarySettings(lexical={self.lexical}, tripwire={self.tripwire}, "
+        return (f"CanarySettings(marks={sorted(self.marks)}, tripwire={self.tripwire}, "
                 f"rate={self.rate}, ledger={self.ledger})")
 
 
@@ -67,18 +68,19 @@ def _ledger(reader: Reader) -> LedgerSettings | None:
     if value is False:
         return None
     if value is True:
-        return LedgerSettings("state", None, 1_000_000)
+        return LedgerSettings("state", None, STATE_ENTRIES)
     sub = reader.child("ledger")
     if sub is None:
         return None
-    sub.allow(("store", "path", "max_entries"))
+    sub.allow(("store", "path", "max_entries", "max_age"))
     store = sub.choice("store", ("state", "file"), "state")
     path = sub.string("path")
     if store == "file" and not path:
         sub.problem("a file ledger needs 'path'")
     base = Path(reader.file).parent
-    return LedgerSettings(store, base / path if path else None,
-                          sub.positive_int("max_entries", 1_000_000))
+    entries = sub.positive_int("max_entries", FILE_ENTRIES if store == "file" else STATE_ENTRIES)
+    max_age = sub.parsed("max_age", parse_max_age, 0.0) or None
+    return LedgerSettings(store, base / path if path else None, entries, max_age)
 
 
 def parse(rule: Reader) -> CanarySettings:
@@ -89,16 +91,17 @@ def parse(rule: Reader) -> CanarySettings:
     secret = reader.string("secret") or ""
     if reader.has("secret") and len(secret) < 16:
         reader.problem("must be at least 16 characters (use a random secret)", "secret")
-    marks = reader.string_list("marks") or MARKS
+    marks = reader.string_list("marks", nonempty=True) if reader.has("marks") \
+        else tuple(sorted(RECOMMENDED))
     for mark in marks:
         if mark not in MARKS:
-            reader.problem(f"unknown mark {mark!r} (expected one of {', '.join(MARKS)})",
-                           "marks")
+            reader.problem(f"unknown mark {mark!r} (expected one of {', '.join(MARKS)}; "
+                           "zero-width marks are 'tripwire: true')", "marks")
     rate = reader.typed("rate", float, 1.0)
     if rate is None or not 0.0 < rate <= 1.0:
         reader.problem("must be a number in (0, 1]", "rate")
         rate = 1.0
-    return CanarySettings(secret=secret, lexical="lexical" in marks,
+    return CanarySettings(secret=secret, marks=frozenset(m for m in marks if m in MARKS),
                           tripwire=bool(reader.typed("tripwire", bool, False)), rate=rate,
                           ledger=_ledger(reader))
 
@@ -123,14 +126,15 @@ def build_ledger(settings: CanarySettings, runtime: Runtime) -> Ledger | None:
     state, ledger = runtime.state, settings.ledger
     return state.extra(("ledger", ledger), lambda: open_ledger(
         ledger.store, state_uri=state.uri, key_prefix=state.key_prefix,
-        redis_client=state.redis, max_entries=ledger.max_entries, path=ledger.path))
+        redis_client=state.redis, max_entries=ledger.max_entries, path=ledger.path,
+        max_age=ledger.max_age))
 
 
 class CanaryGuard:
     def __init__(self, rule: Rule, runtime: Runtime) -> None:
         self.rule = rule
         self.settings: CanarySettings = rule.settings
-        self.keys = CanaryKeys(self.settings.secret, self.settings.rate)
+        self.keys = CanaryKeys(self.settings.secret, self.settings.rate, self.settings.marks)
         self.dialect = runtime.dialect.name
         self.ledger = build_ledger(self.settings, runtime)
         self.when = None if rule.when.always else rule.when
@@ -147,15 +151,13 @@ class CanaryGuard:
         enforce = not self.rule.shadow
 
         def new_marker() -> Marker:
-            return Marker(self.keys, code, lexical=s.lexical and enforce,
+            return Marker(self.keys, code, channels=s.marks if enforce else (),
                           tripwire=s.tripwire and enforce, stops=stops)
 
         async def record(text: str) -> None:
             if self.ledger is not None and text.strip():
-                await self.ledger.record(LedgerEntry(
-                    simhash=simhash64(text), account=account,
-                    request_id=exchange.request_id, time=time.time(),
-                    words=len(text.split()), parts=paragraph_hashes(text)))
+                await self.ledger.record(await fingerprint_entry(
+                    text, account, exchange.request_id, time.time()))
 
         stage = CanaryStage(self.dialect, new_marker, record, rewrite=enforce)
         return Outcome(allowed=True, rule=self.rule.name, shadow=self.rule.shadow, stage=stage)

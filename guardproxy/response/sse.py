@@ -36,6 +36,9 @@ class SSEFramer:
 
     def feed(self, data: bytes) -> list[bytes]:
         buf = self.buffer
+        if not buf and data.find(b"\n\n") == len(data) - 2 > 0 and data[0] != 0x0A \
+                and b"\r" not in data:
+            return [data]  # the common read: exactly one whole LF-framed event
         buf += data
         events: list[bytes] = []
         start, line, pos = 0, self.line, self.pos
@@ -78,6 +81,10 @@ def ends_event(data: bytes) -> bool:
 
 def event_fields(block: bytes) -> tuple[str, str]:
     """(event name, data) of one event block; data lines are joined with newlines."""
+    if block.startswith(b"data:") and block.count(b"\n") == 2 and block.endswith(b"\n\n") \
+            and b"\r" not in block:  # the common event: one data line
+        value = block[5:-2].decode("utf-8", "replace")
+        return "", value[1:] if value.startswith(" ") else value
     name = ""
     data: list[str] = []
     for raw in _LINE.split(block.decode("utf-8", "replace")):
