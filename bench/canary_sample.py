@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
 from pathlib import Path
 
@@ -65,6 +66,13 @@ def stream_cost(keys: CanaryKeys, corpus: dict[str, list[str]],
             "us_added_per_event": round(marked - plain, 2), "by_kind": density}
 
 
+def _same_sentence(a: str, b: str) -> bool:
+    """Whether two sentences are one sentence before and after marking, not two that a
+    changed line split differently (marks change at most a few letters)."""
+    la, lb = re.sub(r"[^a-z]", "", a.lower()), re.sub(r"[^a-z]", "", b.lower())
+    return abs(len(la) - len(lb)) <= 6 and la[:6] == lb[:6]
+
+
 def write_sample(keys: CanaryKeys, corpus: dict[str, list[str]], path: Path,
                  size: int) -> dict[str, object]:
     """``size`` sentences a mark changed, each beside its original in random order (A/B),
@@ -76,7 +84,8 @@ def write_sample(keys: CanaryKeys, corpus: dict[str, list[str]], path: Path,
             marked = Marker(keys, keys.code(f"acct-{i}")).mark(doc)
             before, after = sentences(doc), sentences(marked)
             if len(before) == len(after):
-                pairs += [(kind, a, b) for a, b in zip(before, after, strict=True) if a != b]
+                pairs += [(kind, a, b) for a, b in zip(before, after, strict=True)
+                          if a != b and _same_sentence(a, b)]
     chosen = rng.sample(pairs, min(size, len(pairs)))
     lines = ["# Blind sample of marked sentences", "",
              "Each item shows one sentence twice: the original and the marked one, in random",

@@ -217,8 +217,10 @@ def test_contraction_sites_read_the_same_in_either_form(text: str, other: str) -
     theirs = [(s.context, s.member) for s in read_slots(other) if s.channel == CONTRACTION]
     assert mine and [c for c, _ in mine] == [c for c, _ in theirs]
     assert all(m == 0 for _, m in mine) and all(m == 1 for _, m in theirs)
-    outs = {mark(text, a, channels=(CONTRACTION,)) for a in ACCOUNTS * 2}
-    assert outs <= {text, other} | {mark(other, a, channels=(CONTRACTION,)) for a in ACCOUNTS}
+    for account in ACCOUNTS:
+        assert normal_form(mark(text, account, channels=(CONTRACTION,))) == normal_form(text)
+        # a contraction in the text is read, never undone
+        assert mark(other, account, channels=(CONTRACTION,)) == other
 
 
 

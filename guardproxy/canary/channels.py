@@ -27,6 +27,7 @@ from guardproxy.canary.shapes import BULLETS, ORDERED
 from guardproxy.canary.slots import LEXICAL, MARKDOWN, TYPOGRAPHY, Slot, Unit
 
 _ARTICLES = frozenset({"a", "an"})
+_DETERMINED = frozenset({"a", "an", "the", "this", "that", "every", "no", "such"})
 _APOSTROPHES = ("'", "\u2019")
 
 
@@ -41,7 +42,8 @@ class Channels:
     """Slot makers for one text; keeps the open lists and the slot counter."""
 
     def __init__(self) -> None:
-        self.lists: dict[int, _List] = {}   # by indentation
+        self.lists: dict[int, _List] = {}   # by level: the column its items hang from
+        self.levels: list[list[int]] = []   # open levels: [base column, content column]
         self.idents = 0
         self.apostrophe = "'"               # the style the text last used
         self.style = self.ident()           # the paragraph's apostrophe style group
@@ -55,6 +57,22 @@ class Channels:
 
     def end_lists(self) -> None:
         self.lists.clear()
+        self.levels.clear()
+
+    def _level(self, indent: int, width: int) -> int:
+        """The list level a marker at ``indent`` belongs to, as CommonMark nests them:
+        under the last item when at or past its content column, else beside it."""
+        levels = self.levels
+        while levels and levels[-1][0] > indent:
+            self.lists.pop(levels.pop()[0], None)
+        content = indent + width + 1
+        if levels and indent >= levels[-1][1]:
+            levels.append([levels[-1][1], content])
+        elif levels:
+            levels[-1][1] = content
+        else:
+            levels.append([0, content])
+        return levels[-1][0]
 
     def apostrophes(self, core: str, start: int) -> list[Slot]:
         """Followers of the paragraph's style for the apostrophes of a word that has no
@@ -93,9 +111,9 @@ class Channels:
             tokens = (f"#{entry[0]}",) if entry else (lower,)
         context = f"{h0}\x1f{h1}\x1f{' '.join(tokens)}"
         unit = Unit(chunk, word=True, context=context.encode(), zw=zw)
+        # spans are in ``clean``: a chunk with invisible characters (``zw``) is read, for
+        # detection, but never rewritten (see Marker)
         start = len(lead) + len(em_open or "")
-        if zw:  # zero-width characters inside would shift every span
-            return tokens, unit
         if not prose:
             if speech:  # a word inside a spoken "quote" keeps to its paragraph's style
                 unit.slots = self.apostrophes(core, start) or None
@@ -113,7 +131,8 @@ class Channels:
             if unit.pending is not None:
                 unit.pending.style = self.style
         slots: list[Slot] = []
-        if entry is not None and not (entry[0] in ARTICLE_SENSITIVE and h1 in _ARTICLES):
+        if entry is not None and not (entry[0] in ARTICLE_SENSITIVE and h1 in _ARTICLES) \
+                and h1 not in _DETERMINED:   # "a somebody" is a noun
             case = _case(core, sentence)
             if case is not None:
                 a, b = PAIRS[entry[0]]
@@ -121,6 +140,15 @@ class Channels:
                                   (case(a), case(b)), unit.context, pair=entry[0]))
                 unit.pair, unit.member = entry[0], entry[1]
         at = -1
+        if _case(core, sentence) is None and not core.startswith(("I'", "I\u2019")):
+            # a name inside a sentence (the pronoun "I'd" is none): O'Brien keeps its
+            # apostrophe, but a possessive ("Maya's") keeps to the paragraph's style
+            if core[-2:-1] in _APOSTROPHES and core[-1:] == "s":
+                slots.append(Slot(TYPOGRAPHY, start + len(core) - 2, start + len(core) - 1,
+                                  _APOSTROPHES.index(core[-2]), _APOSTROPHES,
+                                  leader=self.style))
+            unit.slots = slots or None
+            return tokens, unit
         for k in range(core.count("'") + core.count("\u2019")):
             at = min(i for i in (core.find("'", at + 1), core.find("\u2019", at + 1)) if i >= 0)
             member = _APOSTROPHES.index(core[at])
@@ -150,6 +178,7 @@ class Channels:
 
     def list_marker(self, chunk: str, indent: int, h0: str, h1: str) -> Unit:
         """A bullet or list number at the start of a line."""
+        indent = self._level(indent, len(chunk))
         if chunk in BULLETS:
             kind, member, number = "bullet", BULLETS.index(chunk), 0
             variants = BULLETS

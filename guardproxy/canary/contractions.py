@@ -1,4 +1,8 @@
-"""The contraction channel: ``does not`` or ``doesn't``, ``cannot`` or ``can't``.
+"""The contraction channel: ``does not`` or ``doesn't``, ``will not`` or ``won't``.
+
+A mark only ever contracts; a contraction in the text is read (detection) but never
+undone, since expanding is where the two forms part (``why doesn't the cache…`` has no
+``does not`` twin, and "I cannot do early" is stiff in a chat).
 
 Only negations with an auxiliary, where both forms mean exactly the same and are both
 standard: ``is/are/was/were/do/does/did/has/have/had/would/should/could not`` and
@@ -34,6 +38,8 @@ SUBJECTS = frozenset({"i", "you", "he", "she", "it", "we", "they", "there", "tha
                       "these", "those", "one"})
 _LOGIC = frozenset({"none", "true", "false", "null", "nil"})
 _APOSTROPHES = ("'", "\u2019")
+_DETERMINERS = frozenset({"the", "a", "an", "this", "that", "my", "your", "his", "her",
+                          "its", "our", "their", "no", "every", "each"})
 _AFTER_MODAL = frozenset({"do", "have"})
 _MODALS = frozenset({"to", "would", "could", "should", "might", "must", "will", "may",
                      "can", "shall"})
@@ -62,14 +68,17 @@ def one_word(core: str, start: int, h0: str, h1: str, *, sentence: bool) -> Slot
     aux = "can" if plain == "cannot" else _CONTRACTED.get(plain)
     if aux is None or (sentence and aux != "do") or (aux in _AFTER_MODAL and h1 in _MODALS):
         return None
-    apostrophe = "\u2019" if "\u2019" in core else "'"
-    contracted = "won't" if aux == "will" else f"{aux}n't" if aux != "can" else "can't"
-    words = ("cannot" if aux == "can" else f"{aux} not",
-             contracted.replace("'", apostrophe))
-    variants = _case(words, core, sentence)
-    if variants is None:
+    if _case(("x", "y"), core, sentence) is None:
         return None
-    return Slot(CONTRACTION, start, start + len(core), int(plain != "cannot"), variants,
+    if plain == "cannot":   # one word either way: contracting it is safe
+        variants = _case(("cannot", "can't"), core, sentence)
+        assert variants is not None
+        return Slot(CONTRACTION, start, start + len(core), 0, variants,
+                    f"c\x1e{h0}\x1f{h1}\x1fcan".encode())
+    # read, never undone: expanding is where the forms differ (``why doesn't the
+    # cache…``, "I cannot do early" in a chat), so only ``does not`` is ever contracted;
+    # both variants are the text as it is, its apostrophe kept to its paragraph's style
+    return Slot(CONTRACTION, start, start + len(core), 1, (core, core),
                 f"c\x1e{h0}\x1f{h1}\x1f{aux}".encode())
 
 
@@ -78,8 +87,8 @@ def two_word(core: str, start: int, h0: str, h1: str, *, sentence: bool,
     """The slot ``does`` of ``does not`` would lead, if ``not`` follows."""
     aux = core.lower()
     if aux not in _AUX or (sentence and aux != "do") or (aux in _AFTER_MODAL and h1 in _MODALS) \
-            or (len(h1) == 1 and h1.isalpha() and h1 not in ("a", "i")):
-        return None
+            or (len(h1) == 1 and h1.isalpha() and h1 not in ("a", "i")) or h1 in _DETERMINERS:
+        return None   # "the will not to quit", "a do not resuscitate order"
     variants = _case((core.lower(), _AUX[aux].replace("'", apostrophe)), core, sentence)
     if variants is None:
         return None

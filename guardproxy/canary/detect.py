@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from guardproxy.canary.index import AccountIndex, population_of
-from guardproxy.canary.keys import ZW_ONE, CanaryKeys, random_keys
+from guardproxy.canary.keys import ZW_ONE, ZW_ZERO, CanaryKeys, random_keys
 from guardproxy.canary.slots import CHANNELS
 from guardproxy.canary.stats import log10_p, z_score
 from guardproxy.canary.text import Scanner
@@ -77,7 +77,8 @@ def observe(texts: Iterable[str], channels: Container[str] = CHANNELS) -> list[O
         for unit in Scanner().feed(text, final=True):
             if unit.word:
                 obs.words += 1
-                obs.wire += [(unit.context, int(c == ZW_ONE)) for c in unit.zw[-1:]]
+                wires = [c for c in unit.zw if c in (ZW_ZERO, ZW_ONE)]
+                obs.wire += [(unit.context, int(c == ZW_ONE)) for c in wires[-1:]]
             for slot in unit.slots or ():
                 if slot.context and slot.channel in channels and slot.context not in seen:
                     seen.add(slot.context)
@@ -354,7 +355,7 @@ def detect(keys: CanaryKeys, texts: list[str], accounts: Iterable[str] | Account
     all_sites = [s for d in docs for s in d.sites]
     words = sum(d.words for d in docs)
     g = global_score(keys, all_sites)
-    per_doc = [account_bits(keys, doc) for doc in docs]
+    per_doc = [account_bits(keys, doc, keys.read_wires) for doc in docs]
     whole = Evidence.of(b for doc_bits in per_doc for b in doc_bits)
     groups = group_documents(per_doc) if len(docs) > 1 else []
     scores, views = attribute(index, whole, groups, count)

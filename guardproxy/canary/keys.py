@@ -46,9 +46,10 @@ class Tripwire:
 
 class CanaryKeys:
     def __init__(self, secret: str | bytes, rate: float = 1.0,
-                 channels: Iterable[str] = CHANNELS) -> None:
+                 channels: Iterable[str] = CHANNELS, tripwire: bool = True) -> None:
         master = secret.encode() if isinstance(secret, str) else secret
         self.channels = frozenset(channels)  # the mark channels text is read for
+        self.read_wires = tripwire           # whether zero-width bits are read back
         self.site_key = hmac.digest(master, b"guardproxy/canary/site", "sha256")
         self.tag_key = hmac.digest(master, b"guardproxy/canary/tag", "sha256")
         self.wire_key = hmac.digest(master, b"guardproxy/canary/tripwire", "sha256")

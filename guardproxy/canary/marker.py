@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from guardproxy.canary.keys import ZW_ONE, ZW_ZERO, CanaryKeys
 from guardproxy.canary.lexicon import PAIRS
-from guardproxy.canary.slots import RECOMMENDED, TYPOGRAPHY, Slot, Unit
+from guardproxy.canary.slots import CONTRACTION, RECOMMENDED, TYPOGRAPHY, Slot, Unit
 from guardproxy.canary.text import Scanner
 
 _APOSTROPHES = ("'", "\u2019")
@@ -37,9 +37,10 @@ class Marker:
                  stops: Iterable[str] = ()) -> None:
         self.keys = keys
         self.code = code  # the account's codeword (CanaryKeys.code); None: global mark only
-        self.channels = frozenset(channels)
         self.tripwire = tripwire and code is not None
         stops = [s.lower() for s in stops if s]
+        # a stop sequence could be completed by a contraction's new letters: none then
+        self.channels = frozenset(c for c in channels if not (stops and c == CONTRACTION))
         # never write a word or mark that takes part in a stop sequence: no new stop match
         self.blocked = {i for i, pair in enumerate(PAIRS)
                         if any(w in s for s in stops for w in pair)} if stops else set()
@@ -62,7 +63,7 @@ class Marker:
         text = unit.text
         if unit.word:
             self.stats.words += 1
-        if unit.slots:
+        if unit.slots and not unit.zw:   # spans are in the chunk without invisibles
             edits = []
             for slot in unit.slots:
                 want = self._want(slot)

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import re
 
-# ( ** word's : ** ) .  — groups: opening paren, opening emphasis, core, punctuation
-# inside the emphasis, closing emphasis, trailing punctuation
-PROSE = re.compile(r"(\(?)(\*{1,2})?([A-Za-z]+(?:['\u2019][A-Za-z]+)*)([.,;:!?]{0,3})"
-                   r"(\*{1,2})?([.,;:!?]{0,3}\)?[.,;:!?]{0,3})")
+# ("**word's:**"). — groups: opening paren or quotes, opening emphasis, core,
+# punctuation inside the emphasis, closing emphasis, closing punctuation and quotes
+PROSE = re.compile("([(\"\u201c\u2018]{0,2})(\\*{1,2})?([A-Za-z]+(?:['\u2019][A-Za-z]+)*)"
+                   "([.,;:!?]{0,3})(\\*{1,2})?([.,;:!?)\"\u201d\u2019]{0,5})")
 _CODE_CHARS = frozenset("_(){}[]<>=/\\$#@|~^`%&+")
 _CAMEL = re.compile(r"[a-z][A-Z]|[A-Z]{2}[a-z]")
 _DOTTED = re.compile(r"[A-Za-z]\.[A-Za-z]")

@@ -24,7 +24,6 @@ import re
 
 from guardproxy.canary import contractions
 from guardproxy.canary.channels import Channels
-from guardproxy.canary.keys import ZW_ONE, ZW_ZERO
 from guardproxy.canary.shapes import (
     BULLETS,
     KEY,
@@ -37,8 +36,13 @@ from guardproxy.canary.shapes import (
 )
 from guardproxy.canary.slots import CONTRACTION, LEXICAL, MARKDOWN, TYPOGRAPHY, Slot, Unit
 
-_PIECES = re.compile(r"\s+|\S+")
-_ZW = (ZW_ZERO, ZW_ONE)
+# CommonMark's whitespace, not Python's: "-\u00a0item" is no list item there
+_PIECES = re.compile(r"[ \t\n\r\f\v]+|[^ \t\n\r\f\v]+")
+_SPACE = re.compile(r"[ \t\n\r\f\v]")
+_POSSESSIVE = re.compile("['\u2019]s[^A-Za-z]*$")
+_WHITESPACE = frozenset(" \t\n\r\f\v")
+_NOT_SPACE = re.compile(r"[^ \t\n\r\f\v]")
+_FORMAT = re.compile("[\u00ad\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
 _TICKS = re.compile(r"`+")
 _PROMPTS = frozenset({">>>", "...", "$", "%", "PS>", "C:\\>"})
 _COLUMN_GAP = re.compile(r"\t| {2,}")
@@ -50,7 +54,8 @@ class Scanner:
 
     def __init__(self) -> None:
         self.channels = Channels()
-        self.pending = ""
+        self.parts: list[str] = []          # the last piece read, which may go on
+        self.parts_space = False
         self.held: Unit | None = None       # the last complete chunk, until the next
         self.held_bullet = False
         self._bullet_pending = False
@@ -78,17 +83,27 @@ class Scanner:
         self.quote = ""                     # the closing quote awaited
         self.depth = 0                      # open [ and {
         self.yaml = False
+        self.yaml_after = False             # a YAML block before a blank line
+        self.quote_block = False            # in a block quote (lazy lines included)
+        self.html = ""                      # in an HTML block: what ends it
+        self.triple = False                 # in a triple-quoted string
 
     # -- feeding -------------------------------------------------------------------------
     def feed(self, text: str, final: bool = False) -> list[Unit]:
-        buf = self.pending + text if self.pending else text
-        self.pending = ""
+        if not final and self.parts and not (
+                _NOT_SPACE if self.parts_space else _SPACE).search(text):
+            self.parts.append(text)  # the last piece goes on: nothing to read yet
+            return []
+        buf = "".join(self.parts) + text if self.parts else text
+        self.parts = []
         out: list[Unit] = []
         pieces = _PIECES.findall(buf)   # they cover buf: the last one ends it
-        if pieces and not final and not pieces[-1][0].isspace():
-            self.pending = pieces.pop()  # may continue in the next delta
+        if pieces and not final:
+            # the last piece, a word or a whitespace run, may continue in the next delta
+            last = pieces.pop()
+            self.parts, self.parts_space = [last], not _NOT_SPACE.search(last)
         for piece in pieces:
-            if piece[0].isspace():
+            if piece[0] in _WHITESPACE:
                 self._whitespace(piece)
                 if self.held is None:
                     out.append(Unit(piece))
@@ -118,7 +133,8 @@ class Scanner:
             return
         line_ends = following is None or "\n" in self.gap
         if (following is not None and self.chunk_code) \
-                or _COLUMN_GAP.search(self.gap) or (self.held_first and line_ends):
+                or (self.gap != " " and _COLUMN_GAP.search(self.gap)) \
+                or (self.held_first and line_ends):
             # next to code, in a column, or alone on its line (a YAML "- value", a
             # name): not prose
             held.prose = False
@@ -132,6 +148,15 @@ class Scanner:
                 # heading (an empty item of a list follows the list)
                 held.drop(MARKDOWN)
             contractions.before_subject(held, following)
+            if following is not None and held.text[:1].isupper() \
+                    and following.lstrip("\"'(*\u201c\u2018")[:1].isupper():
+                # "Everybody Loves Raymond", "Let's Encrypt": a name, left as it is,
+                # but for a possessive's apostrophe ("Philosopher's Path")
+                if _POSSESSIVE.search(held.text):
+                    held.drop(LEXICAL, CONTRACTION)
+                else:
+                    held.drop(*PROSE_CHANNELS)
+                held.pending = None
         if self.waiting:  # "does" + " " wait for this "not"
             contractions.complete(self.waiting[0], self.waiting[1:], held, following,
                                   self.channels.ident())
@@ -158,12 +183,11 @@ class Scanner:
 
     # -- line and block state ------------------------------------------------------------
     def _whitespace(self, run: str) -> None:
-        newlines = run.count("\n")
+        newlines = run.count("\n") + run.count("\r") - run.count("\r\n")
         if newlines:
             blank = newlines > 1 or self.line_chunks == 0
             self.line_start = self.content_start = self.sentence_start = True
             self.code_line = self.line_protected = self.prev_code = False
-            self.quote = ""
             self.line_chunks = 0
             self.indent = 0
             if blank:
@@ -171,9 +195,13 @@ class Scanner:
                 self.blank = True
                 self.depth = 0
                 self.ticks = 0
-                self.yaml = False
-            run = run[run.rfind("\n") + 1:]
-        elif _COLUMN_GAP.search(run) and not self.line_start:
+                self.quote = ""
+                self.yaml_after = self.yaml   # a YAML block goes on if still indented
+                self.yaml = self.quote_block = False
+                if self.html == "\n":
+                    self.html = ""            # an HTML block of kind 6/7 ends here
+            run = run[max(run.rfind("\n"), run.rfind("\r")) + 1:]
+        elif run != " " and _COLUMN_GAP.search(run) and not self.line_start:
             self.line_protected = True  # a column-aligned or tab-separated row
         if self.line_start:
             self.indent += run.count(" ") + 4 * run.count("\t")
@@ -186,13 +214,35 @@ class Scanner:
         content_first, self.content_start = self.content_start, False
         after_blank, self.blank = self.blank and first, False
         self.line_chunks += 1
-        if first and self.indent < 4 and chunk.startswith(("```", "~~~")):
-            if not self.fence:
-                self.fence = chunk[0]
-            elif chunk.strip(chunk[0]) == "" and chunk[0] == self.fence:
-                self.fence = ""
-            return Unit(chunk)
+        if first:
+            if self.yaml_after:
+                self.yaml, self.yaml_after = self.indent > 0, False
+            if self.indent < 4 and chunk.startswith(("```", "~~~")):
+                run = len(chunk) - len(chunk.lstrip(chunk[0]))
+                if not self.fence:
+                    self.fence = chunk[:run]
+                    self.channels.end_lists()
+                elif chunk[0] == self.fence[0] and run >= len(self.fence) \
+                        and chunk.strip(chunk[0]) == "":
+                    self.fence = ""   # closed only by a run of its kind at least as long
+                return Unit(chunk)
+            if not self.fence and not self.html and self.indent < 4 \
+                    and _HTML_START.match(chunk):
+                opener = _HTML_START.match(chunk)
+                assert opener is not None
+                self.html = _HTML_CLOSERS.get(opener.group(1).lower(), "\n")
+                self.channels.end_lists()
         if self.fence:
+            return Unit(chunk)
+        if self.html:
+            if self.html in _HTML_CLOSERS.values() and self.html in chunk.lower():
+                self.html = ""
+            self.prev_code = True
+            return Unit(chunk)
+        if self.triple or '"""' in chunk or "\'\'\'" in chunk:
+            if (chunk.count('"""') + chunk.count("\'\'\'")) % 2:
+                self.triple = not self.triple   # a multi-line string (TOML, Python)
+            self.prev_code = True
             return Unit(chunk)
         if first and self.indent >= 4 and not (self.channels.lists and _list_marker(chunk)):
             self.code_line = True  # indented code, or a continuation: left alone either way
@@ -210,29 +260,41 @@ class Scanner:
             self.prev_code = True
             return Unit(chunk)
         zw = ""
-        if ZW_ZERO in chunk or ZW_ONE in chunk:
-            zw = "".join(c for c in chunk if c in _ZW)
-            clean = "".join(c for c in chunk if c not in _ZW)
+        if _FORMAT.search(chunk):
+            # invisible format characters (the tripwire's, or an attacker's U+2060 after
+            # every word) are read through; a chunk holding them is never rewritten
+            zw = "".join(_FORMAT.findall(chunk))
+            clean = _FORMAT.sub("", chunk)
         else:
             clean = chunk
         match = prose if clean is chunk else PROSE.fullmatch(clean)
+        if first and self.quote_block:
+            self.line_protected = True   # a lazy continuation line of a block quote
         if content_first:
             marker = self._line_marker(clean, after_blank, first)
             if marker is not None:
                 return marker
-            if clean.startswith("|"):
+            if clean.startswith("|") or clean in _CODE_WORDS:
                 self.line_protected = True
             elif KEY.fullmatch(clean):
                 self.line_protected = self.yaml = True
         quoted = self.quote
         protected = self._protected(clean)
-        speech = quoted in ('"', "\u201d") and not (self.line_protected or self.yaml
-                                                    or self.depth)
+        speech = (quoted in ('"', "\u201d") or self.quote in ('"', "\u201d")) \
+            and not (self.line_protected or self.yaml or self.depth)
         h0, h1 = self.history
         was_code, self.prev_code = self.prev_code, self.chunk_code
         sentence, self.sentence_start = self.sentence_start, _ends_sentence(clean)
         if match is None:
-            self.history = (h1, canonical(clean))
+            # "__word__" reads as "**word**" would: a mark's underscores move no context
+            starred = PROSE.fullmatch(clean.replace("_", "*")) if "_" in clean else None
+            if starred is None:
+                self.history = (h1, canonical(clean))
+                return Unit(chunk, zw=zw)
+            tokens, unit = self.channels.word(chunk, clean, starred, h0, h1, zw,
+                                              sentence=sentence, prose=False)
+            for token in tokens:
+                self.history = (self.history[1], token)
             return Unit(chunk, zw=zw)
         tokens, unit = self.channels.word(chunk, clean, match, h0, h1, zw,
                                           sentence=sentence,
@@ -252,10 +314,14 @@ class Scanner:
                 return Unit(chunk)
             self._bullet_pending = True
             return self.channels.list_marker(chunk, self.indent, h0, h1)
-        if chunk.strip("#") == "" or chunk.strip(">") == "" or chunk in _PROMPTS:
-            # a heading (links point at its words), a quotation (a mark would misquote),
-            # a doctest or shell prompt: the whole line is left alone
+        if chunk.strip("#") == "" or chunk.startswith(">") or chunk in _PROMPTS:
+            # a heading (links point at its words), a quotation (a mark would misquote;
+            # its lazy continuation lines too), a doctest or shell prompt: the whole line
+            # is left alone, and a list before it has ended
             self.line_protected = True
+            self.quote_block = self.quote_block or (chunk.startswith(">")
+                                                    and chunk not in _PROMPTS)
+            self.channels.end_lists()
             self.history = (self.history[1], "_")
             return Unit(chunk)
         if after_blank and self.indent == 0:
@@ -265,33 +331,55 @@ class Scanner:
     def _protected(self, chunk: str) -> bool:
         """Quoted, bracketed, on a protected line, or in a YAML block."""
         inside = self.line_protected or self.yaml or self.depth > 0 or bool(self.quote)
+        if not self.quote and not _SPECIAL.search(chunk):
+            if chunk == "->":
+                self.line_protected = inside = True
+            return inside   # the common word: no bracket, operator or quote
         if _DATA.search(chunk):
-            opens = chunk.count("{") + chunk.count("[")
-            closes = chunk.count("}") + chunk.count("]")
+            bare = _STRING.sub("", chunk)   # brackets inside "…" strings do not count
+            opens = bare.count("{") + bare.count("[")
+            closes = bare.count("}") + bare.count("]")
             self.depth = max(0, self.depth + opens - closes)
             inside = True
             if "=" in chunk or "|" in chunk:
                 self.line_protected = True
         elif chunk == "->":
             self.line_protected = inside = True
-        if not self.quote and chunk[0] not in _QUOTE_START:
+        if not self.quote and not _QUOTE_CHAR.search(chunk):
             return inside
-        body = chunk.lstrip("(")
-        if body[:1] in "bfruBFRU" and body[1:2] in QUOTES:  # b"…", f'…': a string literal
-            body = body[1:]
-        if not self.quote and body[:1] in QUOTES:
-            self.quote = QUOTES[body[0]]
-            inside = True
-            body = body[1:]
-        if self.quote and body.rstrip(".,;:!?)*").endswith(self.quote):
-            self.quote = ""
-            inside = True
+        # quotes open after a non-letter ('*"I', '—“I', 'said:"I', ',"can') and close
+        # before one; an apostrophe between letters is neither
+        for m in _QUOTE_CHAR.finditer(chunk):
+            c, at = m.group(), m.start()
+            before = chunk[at - 1] if at else " "
+            after = chunk[at + 1] if at + 1 < len(chunk) else " "
+            if self.quote and c == self.quote and not after.isalnum():
+                self.quote = ""
+                inside = True
+            elif not self.quote and c in QUOTES and not before.isalnum() \
+                    and not (c in "'\u2019" and before.isalnum()):
+                self.quote = QUOTES[c]
+                inside = True
+            elif not self.quote and c in QUOTES and before in "bfruBFRU" and (
+                    at < 2 or not chunk[at - 2].isalnum()):
+                self.quote = QUOTES[c]     # b"…", f'…': a string literal
+                inside = True
         return inside
 
 
 _CLOSERS = ")\"'\u201d\u2019*_"
 _DATA = re.compile(r"[\[\]{}=|]")
-_QUOTE_START = frozenset(QUOTES) | frozenset("(bfruBFRU")
+_SPECIAL = re.compile("[\\[\\]{}=|\"'\u201c\u201d\u2018\u2019\u00ab\u00bb]")
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_QUOTE_CHAR = re.compile("[\"'\u201c\u201d\u2018\u2019\u00ab\u00bb]")
+_HTML_START = re.compile(r"</?([A-Za-z][A-Za-z0-9-]*|!--)")
+_HTML_CLOSERS = {"pre": "</pre>", "script": "</script>", "style": "</style>",
+                 "textarea": "</textarea>", "!--": "-->"}
+# a line that starts like code, lower-case as prose never would: "if node is not x:"
+_CODE_WORDS = frozenset({"if", "elif", "else:", "while", "for", "return", "assert", "def",
+                         "class", "import", "from", "except", "with", "lambda", "yield",
+                         "raise", "const", "let", "var", "function", "fn", "select",
+                         "sudo", "git", "pip", "npm", "curl", "cd", "echo", "export"})
 
 
 def _ends_sentence(chunk: str) -> bool:

@@ -20,7 +20,8 @@ def _setup(policy_path: Path) -> tuple[Any, list[str]]:
     from guardproxy.canary.settings import canary_settings, known_accounts
 
     policy, settings = _part_or_exit(policy_path, canary_settings)
-    return CanaryKeys(settings.secret, settings.rate, settings.marks), known_accounts(policy)
+    keys = CanaryKeys(settings.secret, settings.rate, settings.marks, settings.tripwire)
+    return keys, known_accounts(policy)
 
 
 def _index(keys: Any, accounts: list[str], index_path: Path | None,

@@ -134,7 +134,8 @@ class CanaryGuard:
     def __init__(self, rule: Rule, runtime: Runtime) -> None:
         self.rule = rule
         self.settings: CanarySettings = rule.settings
-        self.keys = CanaryKeys(self.settings.secret, self.settings.rate, self.settings.marks)
+        self.keys = CanaryKeys(self.settings.secret, self.settings.rate, self.settings.marks,
+                               self.settings.tripwire)
         self.dialect = runtime.dialect.name
         self.ledger = build_ledger(self.settings, runtime)
         self.when = None if rule.when.always else rule.when
