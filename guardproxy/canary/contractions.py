@@ -1,8 +1,8 @@
 """The contraction channel: ``does not`` or ``doesn't``, ``will not`` or ``won't``.
 
-A mark only ever contracts; a contraction in the text is read (detection) but never
-undone, since expanding is where the two forms part (``why doesn't the cache…`` has no
-``does not`` twin, and "I cannot do early" is stiff in a chat).
+Expanding is where the two forms part: a contraction before what may be its subject
+(an inverted question: ``why doesn't the cache…`` has no ``does not`` twin) is never
+undone.
 
 Only negations with an auxiliary, where both forms mean exactly the same and are both
 standard: ``is/are/was/were/do/does/did/has/have/had/would/should/could not`` and
@@ -36,6 +36,12 @@ _CONTRACTED = {v: k for k, v in _AUX.items()} | {"can't": "can"}
 NOT = re.compile(r"not([.,;:!?]{0,3}\)?[.,;:!?]{0,3})")
 SUBJECTS = frozenset({"i", "you", "he", "she", "it", "we", "they", "there", "that", "this",
                       "these", "those", "one"})
+# words that can begin a noun phrase, so the subject of an inverted question
+_SUBJECT_STARTS = SUBJECTS | frozenset({
+    "the", "a", "an", "my", "your", "his", "her", "its", "our", "their", "some", "any",
+    "most", "all", "every", "each", "no", "both", "either", "neither", "many", "much",
+    "few", "several", "everyone", "everybody", "someone", "somebody", "anyone",
+    "anybody", "nobody", "people", "enough", "such", "what", "which", "whose"})
 _LOGIC = frozenset({"none", "true", "false", "null", "nil"})
 _APOSTROPHES = ("'", "\u2019")
 _DETERMINERS = frozenset({"the", "a", "an", "this", "that", "my", "your", "his", "her",
@@ -75,10 +81,13 @@ def one_word(core: str, start: int, h0: str, h1: str, *, sentence: bool) -> Slot
         assert variants is not None
         return Slot(CONTRACTION, start, start + len(core), 0, variants,
                     f"c\x1e{h0}\x1f{h1}\x1fcan".encode())
-    # read, never undone: expanding is where the forms differ (``why doesn't the
-    # cache…``, "I cannot do early" in a chat), so only ``does not`` is ever contracted;
-    # both variants are the text as it is, its apostrophe kept to its paragraph's style
-    return Slot(CONTRACTION, start, start + len(core), 1, (core, core),
+    apostrophe = "\u2019" if "\u2019" in core else "'"
+    contracted = "won't" if aux == "will" else "can't" if aux == "can" else f"{aux}n't"
+    full = "cannot" if aux == "can" else f"{aux} not"
+    variants = _case((full, contracted.replace("'", apostrophe)), core, sentence)
+    if variants is None:
+        return None
+    return Slot(CONTRACTION, start, start + len(core), 1, variants,
                 f"c\x1e{h0}\x1f{h1}\x1f{aux}".encode())
 
 
@@ -120,9 +129,15 @@ def complete(aux: Unit, spaces: list[Unit], negation: Unit, following: str | Non
 
 
 def before_subject(unit: Unit, following: str | None) -> None:
-    """Drop a contraction's slot when a subject follows it (``doesn't it?``); its
-    apostrophe still keeps to its paragraph's style."""
-    if following is None or following.strip(".,;:!?)\"'").lower() not in SUBJECTS:
+    """Drop a contraction's slot when what follows may be its subject, an inversion
+    with no uncontracted twin (``doesn't it?``, ``why doesn't the cache…``, ``Don't
+    most browsers…``, ``isn't Python…``); its apostrophe still keeps to its paragraph's
+    style."""
+    if following is None:
+        return
+    word = following.strip(".,;:!?)\"'*_(\u201c\u201d")
+    if word.lower() not in _SUBJECT_STARTS and not word[:1].isupper() \
+            and not word[:1].isdigit():
         return
     for slot in unit.slots or ():
         if slot.channel == CONTRACTION and slot.style >= 0 and slot.context:
