@@ -280,3 +280,12 @@ def test_a_paragraph_never_mixes_apostrophe_styles(kind: str) -> None:
                                      strict=False):
                 if len(before) <= 1:
                     assert len(after) <= 1, (path.name, account)
+
+
+@pytest.mark.parametrize("text", ["\xad", "-\u200b item\n- two", "\u200bhello there",
+                                  "a \xad b", "# \xadTitle\n", "it\u2060 does\u2060 not"])
+def test_invisible_characters_are_never_lost(text: str) -> None:
+    for account in ACCOUNTS:
+        out = mark(text, account)
+        for c in "\xad\u200b\u2060":
+            assert out.count(c) == text.count(c), (text, out)

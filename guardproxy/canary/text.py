@@ -265,6 +265,9 @@ class Scanner:
             # every word) are read through; a chunk holding them is never rewritten
             zw = "".join(_FORMAT.findall(chunk))
             clean = _FORMAT.sub("", chunk)
+            if not clean or content_first:   # nothing visible; or a marker's place
+                self.prev_code = self.chunk_code
+                return Unit(chunk, zw=zw)
         else:
             clean = chunk
         match = prose if clean is chunk else PROSE.fullmatch(clean)
