@@ -5,6 +5,10 @@
                                                 body: leaked text -> canary verdict
     POST /admin/ledger/match?limit=20&common=1000
                                                 body: leaked text -> ledger matches
+    GET  /admin/linkage/{account}               its cluster: members, and the evidence
+                                                behind every link (never raw values)
+    POST /admin/linkage/{account}/block         add to / remove from the linkage blocklist
+    POST /admin/linkage/{account}/unblock
 
 The last two are what ``guardproxy canary detect`` and ``guardproxy ledger match`` do,
 here because a ``memory://`` ledger lives only inside the proxy process. Admin endpoints
@@ -18,17 +22,19 @@ import asyncio
 import hmac
 import json
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, unquote
 
 from starlette.types import Receive, Scope, Send
 
 from guardproxy.canary.detect import AccountIndex, detect
 from guardproxy.canary.ledger import COMMON, LIMIT, match
 from guardproxy.canary.settings import known_accounts, population_of
+from guardproxy.errors import StoreError
 from guardproxy.exchange import Exchange
 from guardproxy.flow import Pipeline
 from guardproxy.guards.budget import BudgetGuard
 from guardproxy.guards.canary import CanaryGuard
+from guardproxy.linkage.api import LinkageStore
 from guardproxy.middleware import GuardMiddleware
 
 MAX_TEXT_BYTES = 4 << 20
@@ -65,6 +71,22 @@ async def usage_report(pipeline: Pipeline, account_id: str) -> dict[str, Any] | 
             "budgets": budgets}
 
 
+async def linkage_report(store: LinkageStore, account: str) -> dict[str, Any]:
+    """``account``'s cluster, its members and every link's evidence (signal, weight,
+    first/last seen): the digests and raw values never leave the store."""
+    cluster = await store.cluster(account)
+    links = await store.links(account)
+    blocked = set(await store.blocked())
+    return {"account": account, "blocked": account in blocked,
+            "cluster": {"id": cluster.id, "size": cluster.size,
+                        "linked_to_blocked": cluster.linked_to_blocked},
+            "members": await store.members(account),
+            "links": [{"a": link.a, "b": link.b, "weight": link.weight,
+                       "evidence": [{"signal": e.signal, "weight": e.weight,
+                                     "first_seen": e.first_seen, "last_seen": e.last_seen}
+                                    for e in link.evidence]} for link in links]}
+
+
 class AdminApp:
     def __init__(self, guarded: GuardMiddleware, token: str) -> None:
         self.guarded = guarded
@@ -85,6 +107,9 @@ class AdminApp:
             return
         parts = scope["path"].strip("/").split("/")
         method = scope["method"]
+        if len(parts) >= 3 and parts[1] == "linkage":
+            await self.linkage(scope, send)
+            return
         if method == "GET" and len(parts) == 3 and parts[1] == "usage":
             report = await usage_report(self.pipeline, parts[2])
             if report is None:
@@ -110,6 +135,35 @@ class AdminApp:
         except ValueError as exc:
             status, body = 400, {"error": str(exc)}
         await _json(send, status, body)
+
+    async def linkage(self, scope: Scope, send: Send) -> None:
+        """GET /admin/linkage/{account}, POST /admin/linkage/{account}/block|unblock."""
+        enricher = self.guarded.linkage
+        if enricher is None:
+            await _json(send, 404, {"error": "the policy has no linkage section"})
+            return
+        # the raw path, so that an account id may hold an escaped "/"
+        raw = bytes(scope.get("raw_path") or scope["path"].encode()).split(b"?", 1)[0]
+        parts = [unquote(p.decode("latin-1")) for p in raw.strip(b"/").split(b"/")]
+        if len(parts) not in (3, 4) or parts[1] != "linkage":
+            await _json(send, 404, {"error": "not found"})
+            return
+        account, action = parts[2], (parts[3] if len(parts) > 3 else None)
+        if not account or action not in (None, "block", "unblock"):
+            await _json(send, 404, {"error": "not found"})
+            return
+        if (scope["method"] == "GET") != (action is None):
+            await _json(send, 405, {"error": "GET the cluster; POST block or unblock"})
+            return
+        store = enricher.store
+        try:
+            if action is not None:
+                await store.block(account, action == "block")
+            body = await linkage_report(store, account)
+        except StoreError as exc:
+            await _json(send, 503, {"error": f"linkage store unavailable: {exc}"})
+            return
+        await _json(send, 200, body)
 
     def _canaries(self) -> list[CanaryGuard]:
         return [g for g in self.pipeline.guards if isinstance(g, CanaryGuard)]

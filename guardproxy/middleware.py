@@ -14,6 +14,8 @@ so guards and upstream read one request. The inner app gets a ``RequestInfo`` in
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -28,6 +30,7 @@ from guardproxy.exchange import Exchange
 from guardproxy.flow import Admission, LeaseKeeper, Pipeline
 from guardproxy.identity.client_ip import forwarded_for
 from guardproxy.ids import IdSource
+from guardproxy.linkage.enricher import LinkageEnricher, linkage_enricher
 from guardproxy.observe import Observer
 from guardproxy.policy.load import load_policy
 from guardproxy.policy.match import Pattern
@@ -55,8 +58,10 @@ class GuardMiddleware:
         self.state = state or open_state(loaded.state, loaded.key_prefix)
         self.observer = observer
         self.new_request_id = IdSource()
-        self.pipeline = Pipeline(loaded, self.state, observer)
+        self.linkage: LinkageEnricher | None = linkage_enricher(loaded, self.state)
+        self.pipeline = Pipeline(loaded, self.state, observer, _enrichers(self.linkage))
         self.unguarded = Pattern.compile(loaded.unguarded, glob=True)
+        self._closing: set[asyncio.Task[None]] = set()
 
     def swap(self, policy: Policy) -> None:
         """Build the pipeline of a new policy aside, on the same state (counters and
@@ -64,8 +69,16 @@ class GuardMiddleware:
         policy they started with. Raises ``ValueError`` when the state URI changed."""
         if (policy.state, policy.key_prefix) != (self.state.uri, self.state.key_prefix):
             raise ValueError("a reload cannot change 'state' or 'key_prefix': restart")
-        pipeline = Pipeline(policy, self.state, self.observer)
+        linkage = linkage_enricher(policy, self.state)
+        pipeline = Pipeline(policy, self.state, self.observer, _enrichers(linkage))
+        old, self.linkage = self.linkage, linkage
         self.pipeline, self.unguarded = pipeline, Pattern.compile(policy.unguarded, glob=True)
+        if old is not None and old is not linkage:  # linkage: changed or went away
+            self.state.extras.pop(("linkage", old.settings), None)
+            with contextlib.suppress(RuntimeError):  # no loop running: nothing started
+                task = asyncio.get_running_loop().create_task(old.aclose())
+                self._closing.add(task)  # held until done: the loop keeps weak references
+                task.add_done_callback(self._closing.discard)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -79,8 +92,13 @@ class GuardMiddleware:
 
     def _lifespan_send(self, send: Send) -> Send:
         async def wrapped(message: Message) -> None:
-            if message["type"] == "lifespan.shutdown.complete" and self.owns_state:
-                await self.state.aclose()
+            if message["type"] == "lifespan.startup.complete" and self.linkage is not None:
+                await self.linkage.start()
+            if message["type"] == "lifespan.shutdown.complete":
+                if self.linkage is not None:
+                    await self.linkage.aclose()
+                if self.owns_state:
+                    await self.state.aclose()
             await send(message)
 
         return wrapped
@@ -118,8 +136,8 @@ class GuardMiddleware:
                                receive, send)
                 return
             exchange.account = pipeline.identifier.account(peer, headers)
-            await pipeline.enrich(exchange)
             await self._read_request(pipeline, exchange, receive)
+            await pipeline.enrich(exchange)  # after the body: linkage reads the prompt
             admission = await pipeline.admit(exchange)
         except GuardProxyError as exc:
             await _error(send, pipeline, exc.status, exc.kind, "", exc.message, exchange)
@@ -251,6 +269,10 @@ async def _failed(exc: Exception, send: Send, pipeline: Pipeline, exchange: Exch
     except OSError:
         return Ending.DISCONNECTED if started else Ending.CANCELLED
     return Ending.UPSTREAM_FAILED
+
+
+def _enrichers(linkage: LinkageEnricher | None) -> tuple[LinkageEnricher, ...]:
+    return () if linkage is None else (linkage,)
 
 
 def _target(scope: Scope) -> bytes:

@@ -7,15 +7,22 @@ as a list (``per: [account, model]``) and are combined. Later modules add keys
 A request that lacks a key's value (no such header) is counted under the empty value,
 all such requests together: a rule is never skipped because a request left a field out.
 ``ip`` counts IPv6 clients per /64, since one subscriber gets a whole /64.
+``cluster`` counts per linked cluster (account linkage, ``guardproxy.linkage``): the
+cluster's id when the policy has ``linkage:``, else the account's id.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+from guardproxy.errors import StoreError
 from guardproxy.exchange import Exchange
 from guardproxy.guards.base import PerKey
 from guardproxy.identity.client_ip import ip_key
+from guardproxy.linkage.api import Cluster
+
+CLUSTER = "cluster"              # exchange.notes: the request's linkage.api.Cluster
+CLUSTER_ERROR = "cluster_error"  # exchange.notes: the StoreError recording it met
 
 
 def _account(ex: Exchange) -> str | None:
@@ -38,12 +45,30 @@ def _model(ex: Exchange) -> str | None:
     return ex.model
 
 
+def cluster_of(ex: Exchange) -> Cluster | None:
+    """The request's linked cluster, None when linkage is off. Raises ``StoreError``
+    when recording it failed, inside the asking rule: its ``on_store_error`` decides."""
+    error = ex.notes.get(CLUSTER_ERROR)
+    if error is not None:
+        raise StoreError(str(error))
+    cluster: Cluster | None = ex.notes.get(CLUSTER)
+    return cluster
+
+
+def _cluster(ex: Exchange) -> str | None:
+    cluster = cluster_of(ex)
+    if cluster is not None:
+        return cluster.id
+    return ex.account.id if ex.account else None
+
+
 PER_KEYS: dict[str, PerKey] = {
     "account": _account,
     "org": _org,
     "tier": _tier,
     "ip": _ip,
     "model": _model,
+    "cluster": _cluster,
 }
 
 

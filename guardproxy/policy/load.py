@@ -13,6 +13,7 @@ from guardproxy.dialects import DIALECTS
 from guardproxy.errors import PolicyError, Problem
 from guardproxy.guards import per_keys, rule_kinds
 from guardproxy.identity.keys import read_accounts
+from guardproxy.linkage.settings import parse_linkage
 from guardproxy.policy.match import MATCH_FIELDS, Match
 from guardproxy.policy.model import (
     AccountsConfig,
@@ -37,7 +38,7 @@ from guardproxy.state import validate_uri
 from guardproxy.tokens import load_tokenizer
 
 TOP_KEYS = ("version", "upstream", "state", "key_prefix", "accounts", "clients", "admin",
-            "tokenizer", "rules", "unguarded")
+            "tokenizer", "rules", "unguarded", "linkage")
 UPSTREAM_KEYS = ("url", "dialect", "headers", "timeout", "connect_timeout", "cap_field",
                  "stream_usage", "max_event_bytes")
 COMMON_RULE_KEYS = ("name", "when", "mode", "per", "on_store_error")
@@ -92,9 +93,17 @@ def _parse(source: Path, env: Mapping[str, str], problems: list[Problem]) -> Pol
     if admin is not None:
         admin.allow(("token",))
         admin_token = admin.string("token") or None
+    linkage = parse_linkage(top)
+    if linkage is None:
+        for rule in rules:  # without evidence, a cluster is every account alone: say so
+            if rule.kind == "linkage" or "cluster" in rule.per:
+                top.problems.append(Problem(top.file, rule.line, f"rules.{rule.name}",
+                                            "needs a top-level 'linkage:' section (clusters "
+                                            "come from its signals)"))
     return Policy(source=source, upstream=upstream, state=state, key_prefix=key_prefix,
                   accounts=accounts, clients=clients, rules=rules, admin_token=admin_token,
-                  unguarded=_unguarded(top), keys=keys, tokenizer=tokenizer)
+                  unguarded=_unguarded(top), keys=keys, tokenizer=tokenizer,
+                  linkage=linkage)
 
 
 def _state_uri(value: Any) -> str:

@@ -6,9 +6,12 @@ import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from guardproxy.policy.match import Match
+
+if TYPE_CHECKING:  # linkage.settings reads policies: importing it here would be a cycle
+    from guardproxy.linkage.settings import LinkageSettings
 
 Mode = Literal["enforce", "shadow"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -85,3 +88,5 @@ class Policy:
     keys: dict[str, Account] = field(default_factory=dict, compare=False, hash=False)
     # text -> tokens, from the policy's ``tokenizer: module:function`` (None: estimator)
     tokenizer: Callable[[str], int] | None = field(default=None, compare=False, hash=False)
+    # the top-level ``linkage:`` section (None: accounts are counted alone)
+    linkage: LinkageSettings | None = None

@@ -1,0 +1,1 @@
+"""Account linkage: which accounts act as one actor (see ``api``)."""
