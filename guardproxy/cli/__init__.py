@@ -5,8 +5,10 @@ from __future__ import annotations
 import click
 
 from guardproxy.cli.canary import canary
+from guardproxy.cli.ingest import ingest_command
 from guardproxy.cli.keys import keys
 from guardproxy.cli.ledger import ledger
+from guardproxy.cli.linkage import linkage
 from guardproxy.cli.serve import check, fake_model, serve
 from guardproxy.cli.usage import usage
 
@@ -24,3 +26,5 @@ main.add_command(keys)
 main.add_command(usage)
 main.add_command(canary)
 main.add_command(ledger)
+main.add_command(ingest_command)
+main.add_command(linkage)

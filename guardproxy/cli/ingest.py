@@ -1,0 +1,275 @@
+"""``guardproxy ingest --policy P LOG.jsonl [--export OUT.json]``: backfill linkage from history.
+
+One JSON object per line (other keys are ignored, so richer lines can be fed as they are)::
+
+    {"time": 1764460800.0, "account": "acct-1", "ip": "203.0.113.9",
+     "headers": {"user-agent": "…", "x-device-id": "…"}, "prompt": "…"}
+
+``time`` is unix seconds or an RFC 3339 string with an offset (``2025-11-30T00:00:00Z``);
+``headers`` and ``prompt`` may be left out. Each record goes through the engine the proxy
+uses (``evidence.observe`` → ``LinkGraph.record``, the prompt and time to the
+``PairFinder`` → ``record_pairs``) at the record's own time, so windows, expiry and
+co-activity work on history; clusters are rebuilt every ``linkage.rebuild_every`` of log
+time and once at the end, as of the last record. Account attributes (and org) come from
+the policy's accounts file; an account it lacks is taken as a bare account of its own
+org, as a trusted gateway's account would be. A bad line is reported as
+``FILE:LINE: reason`` and skipped, never fatal. The records should be in time order (an
+access log is); records older than one before them are counted in the summary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any
+
+import click
+
+from guardproxy.linkage.api import Cluster, Graph
+from guardproxy.linkage.enricher import MAX_PROMPT_CHARS
+from guardproxy.linkage.evidence import observe, parse_ip
+from guardproxy.linkage.graph import LinkGraph
+from guardproxy.linkage.settings import LinkageSettings
+from guardproxy.linkage.similarity import PairFinder
+from guardproxy.policy.model import Account
+
+MAX_REPORTED = 1000   # bad lines reported one by one; the rest only counted
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    time: float                      # unix seconds
+    account: str
+    ip: str                          # "" when the line gave none
+    headers: Mapping[str, str]       # names in lower case
+    prompt: str | None
+
+
+def parse_time(value: Any) -> float:
+    """Unix seconds (a number, or a string of one) or an RFC 3339 date-time with an
+    offset, as unix seconds. Raises ``ValueError`` with the reason."""
+    if isinstance(value, bool):
+        raise ValueError("time must be unix seconds or an RFC 3339 string")
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            try:
+                # RFC 3339 allows a lower-case t/z and a space for T
+                when = datetime.fromisoformat(text.upper().replace("Z", "+00:00"))
+            except ValueError:
+                raise ValueError(f"time {text[:40]!r} is neither unix seconds nor "
+                                 "RFC 3339 (2025-11-30T00:00:00Z)") from None
+            if when.tzinfo is None:
+                raise ValueError(f"time {text[:40]!r} has no offset (add Z or +hh:mm)") \
+                    from None
+            return when.timestamp()
+    elif isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        raise ValueError("time must be unix seconds or an RFC 3339 string")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"time {value!r} is not a unix time")
+    return seconds
+
+
+def parse_record(text: str) -> Record:
+    """One line of the ingest format; raises ``ValueError`` saying what is wrong."""
+    try:
+        doc = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ValueError("a line must be a JSON object")
+    if "time" not in doc:
+        raise ValueError("missing 'time'")
+    when = parse_time(doc["time"])
+    account = doc.get("account")
+    if not isinstance(account, str) or not account.strip():
+        raise ValueError("'account' must be a non-empty string")
+    ip = doc.get("ip") or ""
+    if not isinstance(ip, str) or (ip and parse_ip(ip) is None):
+        raise ValueError(f"'ip' is not an IP address: {str(ip)[:60]!r}")
+    headers = doc.get("headers") or {}
+    if not isinstance(headers, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
+        raise ValueError("'headers' must be an object of strings")
+    prompt = doc.get("prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        raise ValueError("'prompt' must be a string")
+    return Record(when, account, ip, {k.lower(): v for k, v in headers.items()},
+                  prompt[:MAX_PROMPT_CHARS] if prompt else None)
+
+
+def read_records(lines: IO[bytes], name: str, bad: Callable[[str, int, str], None],
+                 progress: Callable[[int], None] = lambda n: None) -> Iterator[Record]:
+    """The records of a file opened in binary; each bad line goes to ``bad(name, line,
+    reason)`` and is skipped; blank lines are ignored; ``progress`` gets bytes read."""
+    for number, raw in enumerate(lines, 1):
+        progress(len(raw))
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            bad(name, number, f"not UTF-8 (byte {exc.start})")
+            continue
+        if not text.strip():
+            continue
+        try:
+            yield parse_record(text)
+        except ValueError as exc:
+            bad(name, number, str(exc))
+
+
+@dataclass
+class Replay:
+    """The proxy's linkage engine, fed records at their own time (see the module doc)."""
+
+    settings: LinkageSettings
+    accounts: Mapping[str, Account]          # account id -> account
+    graph: LinkGraph = field(init=False)
+    pairs: PairFinder = field(init=False)
+    seen: set[str] = field(default_factory=set)
+    unknown: set[str] = field(default_factory=set)
+    records: int = 0
+    out_of_order: int = 0
+    latest: float = -math.inf
+
+    def __post_init__(self) -> None:
+        # auto_rebuild: the graph rebuilds every rebuild_every of *record* time
+        self.graph = LinkGraph(self.settings, auto_rebuild=True)
+        self.pairs = PairFinder(self.settings)
+
+    def feed(self, record: Record) -> Cluster:
+        """Record one request; its cluster as the proxy would have seen it (before the
+        pairs its prompt completes, which the proxy finds off the request path)."""
+        now = record.time
+        if now < self.latest:
+            self.out_of_order += 1
+        self.latest = max(self.latest, now)
+        account = self.accounts.get(record.account)
+        if account is None:
+            self.unknown.add(record.account)
+            account = Account(id=record.account, org=record.account, tier="default")
+        self.seen.add(account.id)
+        self.records += 1
+        cluster = self.graph.record(
+            account.id, observe(self.settings, account, record.ip, record.headers), now)
+        found = self.pairs.add(account.id, record.prompt, now)
+        if found:
+            self.graph.record_pairs(found, now)
+        return cluster
+
+    def finish(self) -> Graph:
+        """The graph as of the last record (evidence older than the window forgotten)."""
+        if self.latest > -math.inf:
+            self.graph.rebuild(self.latest)
+        return self.graph.graph()
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
+@dataclass(frozen=True)
+class Summary:
+    lines: int
+    skipped: int
+    records: int
+    accounts: int
+    unknown: int
+    out_of_order: int
+    graph: Graph
+
+    def text(self, name: str) -> str:
+        sizes = [len(accounts) for _, accounts, _ in self.graph.clusters]
+        by_signal: dict[str, int] = {}
+        for value in self.graph.hot_values:
+            by_signal[value.signal] = by_signal.get(value.signal, 0) + 1
+        hot = ", ".join(f"{s} {n}" for s, n in sorted(by_signal.items()))
+        out = (f"{name}: {_n(self.lines, 'line')} read, {self.skipped:,} skipped, "
+               f"{_n(self.records, 'record')}; {_n(self.accounts, 'account')}"
+               + (f" ({self.unknown:,} not in the accounts file)" if self.unknown else "")
+               + f"; {_n(len(sizes), 'cluster')} of 2+ accounts"
+               + (f" (largest {max(sizes):,}, {sum(sizes):,} accounts in all)" if sizes else "")
+               + f"; {_n(len(self.graph.hot_values), 'hot value')}"
+               + (f" ({hot})" if hot else ""))
+        if self.out_of_order:
+            out += (f"\n{name}: {self.out_of_order:,} records were older than one before "
+                    "them: sort the log by time for exact windows and co-activity")
+        return out
+
+
+def ingest(path: Path, replay: Replay, bad: Callable[[str, int, str], None],
+           progress: Callable[[int], None] = lambda n: None) -> Summary:
+    """Feed every record of ``path`` to ``replay`` and finish it."""
+    lines = skipped = 0
+
+    def on_bad(name: str, number: int, reason: str) -> None:
+        nonlocal skipped
+        skipped += 1
+        bad(name, number, reason)
+
+    def counted(n: int) -> None:
+        nonlocal lines
+        lines += 1
+        progress(n)
+
+    with path.open("rb") as file:
+        for record in read_records(file, str(path), on_bad, counted):
+            replay.feed(record)
+    return Summary(lines, skipped, replay.records, len(replay.seen), len(replay.unknown),
+                   replay.out_of_order, replay.finish())
+
+
+@click.command("ingest")
+@click.argument("log", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--policy", "policy_path", type=click.Path(path_type=Path), required=True,
+              envvar="GUARDPROXY_POLICY")
+@click.option("--export", "export", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Write the linkage graph here as JSON "
+              "(the shape of 'guardproxy linkage export --format json').")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar on stderr (default: when stderr is a terminal and the "
+              "log is over 1 MiB).")
+def ingest_command(log: Path, policy_path: Path, export: Path | None,
+                   progress: bool | None) -> None:
+    """Feed the recorded requests of LOG (JSON lines: time, account, ip, headers,
+    prompt) through the policy's account-linkage engine at their own times, then print
+    a summary (and write the graph with --export). Bad lines are reported as
+    FILE:LINE: reason and skipped."""
+    from guardproxy.cli.serve import _load_or_exit
+
+    policy = _load_or_exit(policy_path)
+    settings = policy.linkage
+    if settings is None:
+        click.echo(f"{policy_path}: the policy has no 'linkage:' section: nothing to "
+                   "ingest into", err=True)
+        sys.exit(1)
+    replay = Replay(settings, {a.id: a for a in policy.keys.values()})
+    size = log.stat().st_size
+    show = progress if progress is not None else (size > 1 << 20 and sys.stderr.isatty())
+    # a message over a drawn bar starts a clean line (the bar redraws below it)
+    clear = "\r\x1b[K" if show and sys.stderr.isatty() else ""
+    reported = 0
+
+    def bad(name: str, number: int, reason: str) -> None:
+        nonlocal reported
+        reported += 1
+        if reported <= MAX_REPORTED:
+            click.echo(f"{clear}{name}:{number}: {reason}", err=True)
+        elif reported == MAX_REPORTED + 1:
+            click.echo(f"{clear}{name}: more bad lines: counted, not shown", err=True)
+
+    with click.progressbar(length=size, label="ingest", file=sys.stderr,
+                           hidden=not show) as bar:
+        summary = ingest(log, replay, bad, bar.update)
+    if export is not None:
+        export.write_text(json.dumps(summary.graph.as_json(), indent=1) + "\n",
+                          encoding="utf-8")
+    click.echo(summary.text(str(log)))
