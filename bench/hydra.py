@@ -22,6 +22,7 @@ the real CLI (its ``--export`` must equal the in-process graph). It reports:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
 import json
 import math
@@ -140,12 +141,18 @@ class Run:
 
 def replay(pop: Population, policy_path: Path, log: Path) -> Run:
     """Feed the log to ``ingest``'s engine, charging budgets as clusters form."""
+    return asyncio.run(_replay(pop, policy_path, log))
+
+
+async def _replay(pop: Population, policy_path: Path, log: Path) -> Run:
     policy = load_policy(policy_path)
     settings = policy.linkage
     assert settings is not None
     accounts: dict[str, Account] = {a.id: a for a in policy.keys.values()}
     members = pop.by_id()
     engine = Replay(settings, accounts)
+    graph = engine.graph
+    assert graph is not None
     per_account, per_cluster = Budgets(pop.world.budget), Budgets(pop.world.budget)
     summed = SummedBudgets(pop.world.budget)
     take: dict[tuple[str, str, int], int] = defaultdict(int)
@@ -162,7 +169,7 @@ def replay(pop: Population, policy_path: Path, log: Path) -> Run:
             member = members[record.account]
             for ev in observe(settings, accounts[record.account], record.ip, record.headers):
                 owners[(ev.signal, ev.digest)].add(member.actor)
-            cluster = engine.feed(record)
+            cluster = await engine.feed(record)
             day = int((record.time - pop.world.start) // DAY)
             cost = request.tokens
             if per_account.take(record.account, record.time, cost):
@@ -172,14 +179,14 @@ def replay(pop: Population, policy_path: Path, log: Path) -> Run:
             elif member.kind != "hydra":
                 denied.add(member.id)
                 tokens_denied += cost
-            now = engine.graph.cluster(record.account)   # with this request's pairs
-            if summed.take(record.account, now, partial(engine.graph.members, record.account),
+            now = graph.cluster(record.account)   # with this request's pairs
+            if summed.take(record.account, now, partial(graph.members, record.account),
                            record.time, cost):
                 take[(member.actor, "summed", day)] += cost
             if member.kind != "hydra":
                 tokens += cost
     seconds = time.perf_counter() - started
-    return Run(engine.finish(), take, denied, tokens_denied, tokens, owners, seconds)
+    return Run(await engine.finish(), take, denied, tokens_denied, tokens, owners, seconds)
 
 
 def group_of(pop: Population) -> dict[str, str]:
@@ -238,6 +245,8 @@ def quality_table(pop: Population, graph: Graph) -> list[str]:
 
 
 PERS = ("account", "cluster", "summed")
+LABELS = {"account": "per: account", "cluster": "per: cluster (counter of the cluster id)",
+          "summed": "per: cluster with the members' use summed (merges carry it)"}
 
 
 def hydra_table(pop: Population, run: Run) -> list[str]:
@@ -312,7 +321,7 @@ def summary_lines(pop: Population, run: Run) -> list[str]:
         for per in PERS:
             takes = [run.take[(h, per, d)] / w.budget for h in hydras]
             within = sum(1 for x in takes if x <= 1.5)
-            parts.append(f"per {per}: median {statistics.median(takes):.1f}x, max "
+            parts.append(f"{LABELS[per]}: median {statistics.median(takes):.1f}x, max "
                          f"{max(takes):.1f}x, {within}/{len(hydras)} within 1.5x")
         lines.append(f"- day {d + 1}, hydra take in budgets of one account: " + "; ".join(parts))
     benign = sum(1 for m in pop.members if m.kind != "hydra")

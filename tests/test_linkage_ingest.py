@@ -284,3 +284,39 @@ def test_linkage_cli_reads_and_writes_the_redis_store(
         assert "bob" in out.read_text()
     exported = json.loads((tmp_path / "graph.json").read_text())
     assert [c["accounts"] for c in exported["clusters"]] == [["alice", "bob"]]
+
+
+def test_ingest_into_the_redis_store_is_what_linkage_show_reads(
+        tmp_path: Path, redis_prefix: tuple[str, str]) -> None:
+    url, prefix = redis_prefix
+    policy = policy_file(tmp_path, state=url, prefix=prefix)
+    log = tmp_path / "log.jsonl"
+    log.write_text("\n".join([line(T0, "alice"), line("2025-11-30T00:01:00Z", "bob"),
+                              line(T0 + 120, "carol", ip="203.0.113.5")]) + "\n")
+    run = CliRunner().invoke
+    private = run(main, ["ingest", "--policy", str(policy), str(log)])
+    assert private.exit_code == 0, private.output
+    before = run(main, ["linkage", "show", "bob", "--policy", str(policy), "--json"])
+    assert json.loads(before.stdout)["accounts"] == ["bob"]      # without --store: nothing
+    shared = run(main, ["ingest", "--store", "--policy", str(policy), str(log),
+                        "--export", str(tmp_path / "out.json")])
+    assert shared.exit_code == 0, shared.output
+    after = json.loads(run(main, ["linkage", "show", "bob", "--policy", str(policy),
+                                  "--json"]).stdout)
+    assert after["accounts"] == ["alice", "bob"]
+    card = next(e for e in after["links"][0]["evidence"] if e["signal"] == "attribute:payment")
+    assert (card["first_seen"], card["last_seen"]) == (T0 + 60, T0 + 60)   # log time
+    first = json.loads((tmp_path / "out.json").read_text())
+    assert first["clusters"][0]["accounts"] == ["alice", "bob"]
+    again = run(main, ["ingest", "--store", "--policy", str(policy), str(log),
+                       "--export", str(tmp_path / "again.json")])
+    assert again.exit_code == 0, again.output
+    assert json.loads((tmp_path / "again.json").read_text()) == first   # idempotent
+
+
+def test_ingest_store_on_memory_says_so(tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    log.write_text(line(T0, "alice") + "\n")
+    result = CliRunner().invoke(main, ["ingest", "--store", "--policy",
+                                       str(policy_file(tmp_path)), str(log)])
+    assert result.exit_code == 1 and "memory://" in result.stderr

@@ -15,25 +15,32 @@ the policy's accounts file; an account it lacks is taken as a bare account of it
 org, as a trusted gateway's account would be. A bad line is reported as
 ``FILE:LINE: reason`` and skipped, never fatal. The records should be in time order (an
 access log is); records older than one before them are counted in the summary.
+
+The graph is private to the run (the result is ``--export``) unless ``--store`` feeds
+the policy's own store: with a Redis state, the graph every proxy shares and
+``guardproxy linkage`` reads. Feeding a log twice adds nothing the first run did not
+(sightings and pair evidence are sets with first/last times).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import sys
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
 import click
 
-from guardproxy.linkage.api import Cluster, Graph
+from guardproxy.linkage.api import Cluster, Graph, LinkageStore
 from guardproxy.linkage.enricher import MAX_PROMPT_CHARS
 from guardproxy.linkage.evidence import observe, parse_ip
 from guardproxy.linkage.graph import LinkGraph
+from guardproxy.linkage.memory import MemoryLinkageStore
 from guardproxy.linkage.settings import LinkageSettings
 from guardproxy.linkage.similarity import PairFinder
 from guardproxy.policy.model import Account
@@ -126,50 +133,62 @@ def read_records(lines: IO[bytes], name: str, bad: Callable[[str, int, str], Non
             bad(name, number, str(exc))
 
 
-@dataclass
 class Replay:
-    """The proxy's linkage engine, fed records at their own time (see the module doc)."""
+    """The proxy's linkage engine fed records at their own time (see the module doc).
 
-    settings: LinkageSettings
-    accounts: Mapping[str, Account]          # account id -> account
-    graph: LinkGraph = field(init=False)
-    pairs: PairFinder = field(init=False)
-    seen: set[str] = field(default_factory=set)
-    unknown: set[str] = field(default_factory=set)
-    records: int = 0
-    out_of_order: int = 0
-    latest: float = -math.inf
+    ``store``: where the graph goes; by default a private in-memory graph
+    (``MemoryLinkageStore``; its ``LinkGraph`` is ``graph``), or the policy's own store
+    (Redis: the graph the proxies share). Clusters are rebuilt every
+    ``settings.rebuild_every`` of record time."""
 
-    def __post_init__(self) -> None:
-        # auto_rebuild: the graph rebuilds every rebuild_every of *record* time
-        self.graph = LinkGraph(self.settings, auto_rebuild=True)
-        self.pairs = PairFinder(self.settings)
+    def __init__(self, settings: LinkageSettings, accounts: Mapping[str, Account],
+                 store: LinkageStore | None = None) -> None:
+        self.settings = settings
+        self.accounts = accounts                     # account id -> account
+        self.graph: LinkGraph | None = None   # the in-memory engine, when it is one
+        if store is None:
+            memory = MemoryLinkageStore(settings, on_event=None)
+            self.graph, store = memory.graph_engine, memory
+        self.store: LinkageStore = store
+        self.pairs = PairFinder(settings)
+        self.seen: set[str] = set()
+        self.unknown: set[str] = set()
+        self.records = 0
+        self.out_of_order = 0
+        self.latest = -math.inf
+        self.rebuilt: float | None = None
 
-    def feed(self, record: Record) -> Cluster:
+    async def feed(self, record: Record) -> Cluster:
         """Record one request; its cluster as the proxy would have seen it (before the
         pairs its prompt completes, which the proxy finds off the request path)."""
         now = record.time
         if now < self.latest:
             self.out_of_order += 1
         self.latest = max(self.latest, now)
+        every = self.settings.rebuild_every
+        if self.rebuilt is None:
+            self.rebuilt = now
+        elif every > 0 and now - self.rebuilt >= every:
+            await self.store.rebuild(now)
+            self.rebuilt = now
         account = self.accounts.get(record.account)
         if account is None:
             self.unknown.add(record.account)
             account = Account(id=record.account, org=record.account, tier="default")
         self.seen.add(account.id)
         self.records += 1
-        cluster = self.graph.record(
+        cluster = await self.store.record(
             account.id, observe(self.settings, account, record.ip, record.headers), now)
         found = self.pairs.add(account.id, record.prompt, now)
         if found:
-            self.graph.record_pairs(found, now)
+            await self.store.record_pairs(found, now)
         return cluster
 
-    def finish(self) -> Graph:
+    async def finish(self) -> Graph:
         """The graph as of the last record (evidence older than the window forgotten)."""
         if self.latest > -math.inf:
-            self.graph.rebuild(self.latest)
-        return self.graph.graph()
+            await self.store.rebuild(self.latest)
+        return await self.store.graph()
 
 
 def _n(count: int, noun: str) -> str:
@@ -205,8 +224,8 @@ class Summary:
         return out
 
 
-def ingest(path: Path, replay: Replay, bad: Callable[[str, int, str], None],
-           progress: Callable[[int], None] = lambda n: None) -> Summary:
+async def ingest(path: Path, replay: Replay, bad: Callable[[str, int, str], None],
+                 progress: Callable[[int], None] = lambda n: None) -> Summary:
     """Feed every record of ``path`` to ``replay`` and finish it."""
     lines = skipped = 0
 
@@ -222,9 +241,9 @@ def ingest(path: Path, replay: Replay, bad: Callable[[str, int, str], None],
 
     with path.open("rb") as file:
         for record in read_records(file, str(path), on_bad, counted):
-            replay.feed(record)
+            await replay.feed(record)
     return Summary(lines, skipped, replay.records, len(replay.seen), len(replay.unknown),
-                   replay.out_of_order, replay.finish())
+                   replay.out_of_order, await replay.finish())
 
 
 @click.command("ingest")
@@ -234,16 +253,22 @@ def ingest(path: Path, replay: Replay, bad: Callable[[str, int, str], None],
 @click.option("--export", "export", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="Write the linkage graph here as JSON "
               "(the shape of 'guardproxy linkage export --format json').")
+@click.option("--store", "into_store", is_flag=True,
+              help="Feed the policy's own linkage store (a Redis state: the graph every "
+              "proxy shares) instead of a private in-memory graph.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar on stderr (default: when stderr is a terminal and the "
               "log is over 1 MiB).")
-def ingest_command(log: Path, policy_path: Path, export: Path | None,
+def ingest_command(log: Path, policy_path: Path, export: Path | None, into_store: bool,
                    progress: bool | None) -> None:
     """Feed the recorded requests of LOG (JSON lines: time, account, ip, headers,
     prompt) through the policy's account-linkage engine at their own times, then print
     a summary (and write the graph with --export). Bad lines are reported as
     FILE:LINE: reason and skipped."""
     from guardproxy.cli.serve import _load_or_exit
+    from guardproxy.errors import StoreError
+    from guardproxy.linkage.enricher import open_linkage_store
+    from guardproxy.state import open_state, scheme_of
 
     policy = _load_or_exit(policy_path)
     settings = policy.linkage
@@ -251,7 +276,11 @@ def ingest_command(log: Path, policy_path: Path, export: Path | None,
         click.echo(f"{policy_path}: the policy has no 'linkage:' section: nothing to "
                    "ingest into", err=True)
         sys.exit(1)
-    replay = Replay(settings, {a.id: a for a in policy.keys.values()})
+    if into_store and scheme_of(policy.state) == "memory":
+        click.echo(f"{policy_path}: state is memory://, whose graph lives inside the proxy "
+                   "process: --store has nothing to feed (the result is --export)", err=True)
+        sys.exit(1)
+    accounts = {a.id: a for a in policy.keys.values()}
     size = log.stat().st_size
     show = progress if progress is not None else (size > 1 << 20 and sys.stderr.isatty())
     # a message over a drawn bar starts a clean line (the bar redraws below it)
@@ -266,9 +295,23 @@ def ingest_command(log: Path, policy_path: Path, export: Path | None,
         elif reported == MAX_REPORTED + 1:
             click.echo(f"{clear}{name}: more bad lines: counted, not shown", err=True)
 
+    async def run() -> Summary:
+        if not into_store:
+            return await ingest(log, Replay(settings, accounts), bad, bar.update)
+        state = open_state(policy.state, policy.key_prefix)
+        store = open_linkage_store(settings, state)
+        try:
+            return await ingest(log, Replay(settings, accounts, store), bad, bar.update)
+        finally:
+            await store.aclose()
+            await state.aclose()
+
     with click.progressbar(length=size, label="ingest", file=sys.stderr,
                            hidden=not show) as bar:
-        summary = ingest(log, replay, bad, bar.update)
+        try:
+            summary = asyncio.run(run())
+        except StoreError as exc:
+            raise click.ClickException(str(exc)) from None
     if export is not None:
         export.write_text(json.dumps(summary.graph.as_json(), indent=1) + "\n",
                           encoding="utf-8")
