@@ -28,6 +28,7 @@ class Exchange:
     headers: dict[str, str]          # lower-case names; repeated headers joined with ", "
     client_ip: str
     account: Account | None = None
+    peer_trusted: bool = False       # the peer is a trusted proxy (clients.trusted_proxies)
     body: bytes | None = None        # buffered when guards read it
     json: dict[str, Any] | None = None
     plan: RequestPlan = NOT_GENERATION

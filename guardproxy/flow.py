@@ -25,6 +25,7 @@ from guardproxy.dialects import Dialect, get_dialect
 from guardproxy.errors import StoreError
 from guardproxy.exchange import Exchange
 from guardproxy.guards import Guard, Outcome, RateHeaders, Runtime, rule_kinds
+from guardproxy.guards.per import CLUSTER
 from guardproxy.identity import Identifier
 from guardproxy.observe import LogObserver, Observer, Observers
 from guardproxy.policy.model import Policy
@@ -78,6 +79,9 @@ class Pipeline:
         ordered = sorted(enumerate(policy.rules), key=lambda ir: (kinds[ir[1].kind].phase, ir[0]))
         self.guards: tuple[Guard, ...] = tuple(kinds[r.kind].build(r, runtime) for _, r in ordered)
         self.fail_open = {r.name for r in policy.rules if r.on_store_error == "allow"}
+        # a cluster's counters never show in rate headers: a fresh account would learn
+        # from them that it is linked (and to how much use)
+        self.private = frozenset(g for g in self.guards if CLUSTER in g.rule.per)
 
     async def enrich(self, exchange: Exchange) -> None:
         for enricher in self.enrichers:
@@ -89,7 +93,8 @@ class Pipeline:
             outcome = await self._ask(guard, exchange, guard.check(exchange), admission)
             if outcome is None:
                 continue
-            admission.add_rates(outcome)
+            if guard not in self.private:
+                admission.add_rates(outcome)
             if outcome.lease is not None:
                 admission.leases.append(outcome.lease)
             if outcome.stage is not None:
@@ -104,7 +109,8 @@ class Pipeline:
             outcome = await self._ask(guard, exchange, commit(), admission)
             if outcome is not None and self._denied(exchange, outcome):
                 admission.denial = outcome
-                admission.add_rates(outcome)
+                if guard not in self.private:
+                    admission.add_rates(outcome)
                 await self.release(admission, Ending.DENIED)
                 return admission
         admission.commits.clear()

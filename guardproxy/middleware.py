@@ -30,6 +30,7 @@ from guardproxy.exchange import Exchange
 from guardproxy.flow import Admission, LeaseKeeper, Pipeline
 from guardproxy.identity.client_ip import forwarded_for
 from guardproxy.ids import IdSource
+from guardproxy.linkage.carry import usage_carry
 from guardproxy.linkage.enricher import LinkageEnricher, linkage_enricher
 from guardproxy.observe import Observer
 from guardproxy.policy.load import load_policy
@@ -60,6 +61,7 @@ class GuardMiddleware:
         self.new_request_id = IdSource()
         self.linkage: LinkageEnricher | None = linkage_enricher(loaded, self.state)
         self.pipeline = Pipeline(loaded, self.state, observer, _enrichers(self.linkage))
+        _carry_usage(self.linkage, self.pipeline)
         self.unguarded = Pattern.compile(loaded.unguarded, glob=True)
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -73,6 +75,7 @@ class GuardMiddleware:
         pipeline = Pipeline(policy, self.state, self.observer, _enrichers(linkage))
         old, self.linkage = self.linkage, linkage
         self.pipeline, self.unguarded = pipeline, Pattern.compile(policy.unguarded, glob=True)
+        _carry_usage(linkage, pipeline)
         if old is not None and old is not linkage:  # linkage: changed or went away
             self.state.extras.pop(("linkage", old.settings), None)
             with contextlib.suppress(RuntimeError):  # no loop running: nothing started
@@ -128,6 +131,7 @@ class GuardMiddleware:
         exchange = Exchange(method=scope["method"], path="", headers=headers,
                             client_ip=pipeline.identifier.client_ip(
                                 peer, forwarded_for(scope["headers"])),
+                            peer_trusted=pipeline.identifier.peer_trusted(peer),
                             request_id=given_id or self.new_request_id())
         try:
             exchange.path, raw_path = normalize_path(_target(scope))
@@ -273,6 +277,12 @@ async def _failed(exc: Exception, send: Send, pipeline: Pipeline, exchange: Exch
 
 def _enrichers(linkage: LinkageEnricher | None) -> tuple[LinkageEnricher, ...]:
     return () if linkage is None else (linkage,)
+
+
+def _carry_usage(linkage: LinkageEnricher | None, pipeline: Pipeline) -> None:
+    """Cluster merges carry ``per: cluster`` usage as this pipeline's rules count it."""
+    if linkage is not None:
+        linkage.merges.wire(usage_carry(pipeline.guards, pipeline.state.budgets))
 
 
 def _target(scope: Scope) -> bytes:

@@ -78,7 +78,7 @@ def clusters(graph: LinkGraph) -> set[tuple[str, ...]]:
 # -- evidence ------------------------------------------------------------------------
 @pytest.mark.parametrize(("raw", "canonical"), [
     ("J.Doe+promo@GMail.com", "jdoe@gmail.com"),
-    ("  j.d.o.e@googlemail.com ", "jdoe@googlemail.com"),
+    ("  j.d.o.e@googlemail.com ", "jdoe@gmail.com"),
     ("jdoe+a+b@gmail.com", "jdoe@gmail.com"),
     ("J.Doe+promo@Example.com", "j.doe+promo@example.com"),   # other domains keep them
     ("no-at-sign", "no-at-sign"),
@@ -327,11 +327,14 @@ def test_pair_evidence_links_with_value_evidence_and_expires() -> None:
     assert g.cluster("a").size == 1           # 0.5 + 0.25
     g.record_pairs([PairEvidence("a", "b", "co_activity"),
                     PairEvidence("a", "a", "co_activity"),          # ignored
-                    PairEvidence("a", "c", "attribute:payment")], 2)   # not a pair signal
+                    PairEvidence("a", "c", "org")], 2)   # never pair evidence
     assert g.members("a") == ["a", "b"]
+    # a value signal is: a hot value the pair co-holds (linkage.cohort)
+    g.record_pairs([PairEvidence("c", "d", "attribute:payment")], 3)
+    assert g.members("c") == ["c", "d"]
     g.record("a", [ev("ip:exact", "1.1.1.1")], 90)
     g.record("b", [ev("ip:exact", "1.1.1.1")], 90)
-    g.rebuild(102.5)                          # the pair evidence (t=1, 2) has expired
+    g.rebuild(103.5)                          # the pair evidence (t=1, 2, 3) has expired
     assert clusters(g) == set()
 
 

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from guardproxy.cli import main
-from guardproxy.cli.ingest import parse_record, parse_time
+from guardproxy.cli.ingest import EARLIEST, MAX_AHEAD, parse_record, parse_time
 from guardproxy.cli.linkage import dot, graphml
 from guardproxy.linkage.api import Graph, Link, LinkEvidence
 from guardproxy.linkage.evidence import observe
@@ -148,9 +148,10 @@ def test_export_shape_is_the_issues(tmp_path: Path) -> None:
     "hot_values": [...]}; clusters of one account are left out; no raw value."""
     lines = [line(T0 + i, a, ip=f"198.51.100.{i}") for i, a in
              enumerate(["alice", "bob", "carol", "dave"])]
-    # card-9 held by six accounts is hot (max_fanout 5): reported, links nobody
+    # card-9 held by six accounts is hot (max_fanout 5): reported, links nobody (they
+    # share nothing else: on one network too, it would be co-held, linkage.cohort)
     accounts = {**ACCOUNTS, **{f"x{i}": {"payment": "card-9"} for i in range(6)}}
-    lines += [line(T0 + 10 + i, f"x{i}", ip=f"192.0.2.{i * 40}") for i in range(6)]
+    lines += [line(T0 + 10 + i, f"x{i}", ip=f"192.0.{i + 10}.1") for i in range(6)]
     result, _ = ingest(tmp_path, lines, "--export", str(tmp_path / "out.json"),
                        accounts=accounts)
     assert result.exit_code == 0, result.output
@@ -320,3 +321,73 @@ def test_ingest_store_on_memory_says_so(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["ingest", "--store", "--policy",
                                        str(policy_file(tmp_path)), str(log)])
     assert result.exit_code == 1 and "memory://" in result.stderr
+
+
+# -- robustness: times, addresses, account ids, summary, export -------------------------
+def test_times_outside_a_sane_range_are_refused() -> None:
+    now = T0 + 86400 * 365
+    assert parse_time(EARLIEST, now) == EARLIEST
+    assert parse_time(now + MAX_AHEAD, now) == now + MAX_AHEAD
+    assert parse_time("2025-11-30T00:00:00Z", now) == T0
+    for value in (EARLIEST - 1, "1999-12-31T23:59:59Z", now + MAX_AHEAD + 1, 1e308,
+                  "9999-12-31T23:59:59Z", 0):
+        with pytest.raises(ValueError, match="outside 2000-01-01"):
+            parse_time(value, now)
+
+
+def test_a_far_future_or_ancient_record_is_a_bad_line(tmp_path: Path) -> None:
+    lines = [line(T0, "alice"), line(1e308, "carol", ip="192.0.2.1"),
+             line(T0 + 60, "bob"), line(0, "dave"), line("2999-01-01T00:00:00Z", "dave")]
+    result, log = ingest(tmp_path, lines, "--export", str(tmp_path / "out.json"))
+    assert result.exit_code == 0, result.output
+    reported = [x for x in result.stderr.splitlines() if x.startswith(f"{log}:")]
+    assert [int(x.split(":")[1]) for x in reported] == [2, 4, 5]
+    assert all("outside 2000-01-01" in x for x in reported)
+    assert "5 lines read, 3 skipped, 2 records" in result.stdout
+    clusters = json.loads((tmp_path / "out.json").read_text())["clusters"]
+    assert [c["accounts"] for c in clusters] == [["alice", "bob"]]   # not expired
+
+
+@pytest.mark.parametrize(("written", "address"), [
+    ("203.0.113.9:443", "203.0.113.9"), ("[2001:db8::1]", "2001:db8::1"),
+    ("[2001:db8::1]:443", "2001:db8::1"), (" 203.0.113.9 ", "203.0.113.9"),
+    ("::ffff:203.0.113.9", "203.0.113.9"), ("2001:DB8::1", "2001:db8::1"),
+])
+def test_client_ips_are_read_as_the_proxy_reads_them(written: str, address: str) -> None:
+    assert parse_record(line(T0, "a", ip=written)).ip == address
+
+
+@pytest.mark.parametrize("written", ["203.0.113.9:http", "[2001:db8::1", "2001:db8::1]:443",
+                                     "[203.0.113.9]:x", "host.example:443"])
+def test_malformed_client_ips_are_refused(written: str) -> None:
+    with pytest.raises(ValueError, match="not an IP address"):
+        parse_record(line(T0, "a", ip=written))
+
+
+def test_account_ids_are_trimmed(tmp_path: Path) -> None:
+    assert parse_record(line(T0, "  bob\t")).account == "bob"
+    with pytest.raises(ValueError, match="non-empty"):
+        parse_record(line(T0, " \t "))
+    result, _ = ingest(tmp_path, [line(T0, "alice"), line(T0 + 1, " bob ")],
+                       "--export", str(tmp_path / "out.json"))
+    assert result.exit_code == 0, result.output
+    assert "2 accounts;" in result.stdout and "not in the accounts file" not in result.stdout
+    clusters = json.loads((tmp_path / "out.json").read_text())["clusters"]
+    assert [c["accounts"] for c in clusters] == [["alice", "bob"]]   # bob's card counted
+
+
+def test_the_summary_counts_in_the_singular_and_plural(tmp_path: Path) -> None:
+    one, _ = ingest(tmp_path, [line(T0 + 10, "alice"), line(T0, "bob")])
+    assert "1 record was older than one before it:" in one.stdout
+    two, _ = ingest(tmp_path, [line(T0 + 10, "alice"), line(T0, "bob"), line(T0 - 1, "carol")])
+    assert "2 records were older than one before it:" in two.stdout
+
+
+def test_export_weights_are_rounded() -> None:
+    graph = Graph(clusters=(("a", ("a", "b"), (Link("a", "b", (
+        LinkEvidence("header:x", 0.1, T0, T0), LinkEvidence("ip:/24", 0.2, T0, T0),
+        LinkEvidence("ip:exact", 1 / 3, T0, T0))),)),))
+    (link,) = graph.as_json()["clusters"][0]["links"]
+    assert link["weight"] == round(0.1 + 0.2 + 1 / 3, 6) == 0.633333
+    assert [e["weight"] for e in link["evidence"]] == [0.1, 0.2, 0.333333]
+    assert "0000000" not in json.dumps(graph.as_json())

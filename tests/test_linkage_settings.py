@@ -258,3 +258,11 @@ def test_a_cluster_rule_without_a_linkage_section_is_an_error(tmp_path: Path) ->
         load_policy(policy)
     text = str(err.value)
     assert f"{policy}:4" in text and f"{policy}:7" in text and "linkage:" in text
+
+
+def test_an_unset_secret_is_one_problem(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError) as info:
+        load_policy(write_policy(tmp_path, ISSUE_EXAMPLE), {})
+    assert [p.message for p in info.value.problems if p.path == "linkage.secret"] == [
+        "environment variable GUARDPROXY_LINKAGE_SECRET is not set "
+        "(write ${GUARDPROXY_LINKAGE_SECRET:-default} to give a default)"]

@@ -5,7 +5,10 @@ One JSON object per line (other keys are ignored, so richer lines can be fed as 
     {"time": 1764460800.0, "account": "acct-1", "ip": "203.0.113.9",
      "headers": {"user-agent": "…", "x-device-id": "…"}, "prompt": "…"}
 
-``time`` is unix seconds or an RFC 3339 string with an offset (``2025-11-30T00:00:00Z``);
+``time`` is unix seconds or an RFC 3339 string with an offset (``2025-11-30T00:00:00Z``),
+from 2000-01-01 to one day after the machine's clock (one far-future record would make the
+final rebuild expire every link); ``ip`` is read as the proxy reads client addresses (a
+port and brackets are dropped: ``[2001:db8::1]:443``); ``account`` is trimmed;
 ``headers`` and ``prompt`` may be left out. Each record goes through the engine the proxy
 uses (``evidence.observe`` → ``LinkGraph.record``, the prompt and time to the
 ``PairFinder`` → ``record_pairs``) at the record's own time, so windows, expiry and
@@ -28,6 +31,7 @@ import asyncio
 import json
 import math
 import sys
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -36,9 +40,11 @@ from typing import IO, Any
 
 import click
 
+from guardproxy.identity.client_ip import parse_ip
 from guardproxy.linkage.api import Cluster, Graph, LinkageStore
+from guardproxy.linkage.cohort import CoHeld
 from guardproxy.linkage.enricher import MAX_PROMPT_CHARS
-from guardproxy.linkage.evidence import observe, parse_ip
+from guardproxy.linkage.evidence import observe
 from guardproxy.linkage.graph import LinkGraph
 from guardproxy.linkage.memory import MemoryLinkageStore
 from guardproxy.linkage.settings import LinkageSettings
@@ -46,6 +52,8 @@ from guardproxy.linkage.similarity import PairFinder
 from guardproxy.policy.model import Account
 
 MAX_REPORTED = 1000   # bad lines reported one by one; the rest only counted
+EARLIEST = 946_684_800.0   # 2000-01-01T00:00:00Z: older is a corrupt time, not history
+MAX_AHEAD = 86_400.0       # seconds a record may be ahead of the clock (skew, time zones)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,9 +65,19 @@ class Record:
     prompt: str | None
 
 
-def parse_time(value: Any) -> float:
+def parse_time(value: Any, now: float | None = None) -> float:
     """Unix seconds (a number, or a string of one) or an RFC 3339 date-time with an
-    offset, as unix seconds. Raises ``ValueError`` with the reason."""
+    offset, as unix seconds, from ``EARLIEST`` to ``MAX_AHEAD`` after ``now`` (default:
+    the clock). Raises ``ValueError`` with the reason."""
+    seconds = _seconds(value)
+    latest = (time.time() if now is None else now) + MAX_AHEAD
+    if not EARLIEST <= seconds <= latest:
+        raise ValueError(f"time {str(value)[:40]!r} is outside 2000-01-01 .. one day "
+                         "from now")
+    return seconds
+
+
+def _seconds(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("time must be unix seconds or an RFC 3339 string")
     if isinstance(value, str):
@@ -86,8 +104,9 @@ def parse_time(value: Any) -> float:
     return seconds
 
 
-def parse_record(text: str) -> Record:
-    """One line of the ingest format; raises ``ValueError`` saying what is wrong."""
+def parse_record(text: str, now: float | None = None) -> Record:
+    """One line of the ingest format (``now``: see ``parse_time``); raises
+    ``ValueError`` saying what is wrong."""
     try:
         doc = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as exc:
@@ -96,12 +115,13 @@ def parse_record(text: str) -> Record:
         raise ValueError("a line must be a JSON object")
     if "time" not in doc:
         raise ValueError("missing 'time'")
-    when = parse_time(doc["time"])
+    when = parse_time(doc["time"], now)
     account = doc.get("account")
     if not isinstance(account, str) or not account.strip():
         raise ValueError("'account' must be a non-empty string")
     ip = doc.get("ip") or ""
-    if not isinstance(ip, str) or (ip and parse_ip(ip) is None):
+    address = parse_ip(ip) if isinstance(ip, str) and ip else None
+    if not isinstance(ip, str) or (ip and address is None):
         raise ValueError(f"'ip' is not an IP address: {str(ip)[:60]!r}")
     headers = doc.get("headers") or {}
     if not isinstance(headers, dict) or not all(
@@ -110,14 +130,17 @@ def parse_record(text: str) -> Record:
     prompt = doc.get("prompt")
     if prompt is not None and not isinstance(prompt, str):
         raise ValueError("'prompt' must be a string")
-    return Record(when, account, ip, {k.lower(): v for k, v in headers.items()},
+    return Record(when, account.strip(), str(address) if address is not None else "",
+                  {k.lower(): v for k, v in headers.items()},
                   prompt[:MAX_PROMPT_CHARS] if prompt else None)
 
 
 def read_records(lines: IO[bytes], name: str, bad: Callable[[str, int, str], None],
                  progress: Callable[[int], None] = lambda n: None) -> Iterator[Record]:
     """The records of a file opened in binary; each bad line goes to ``bad(name, line,
-    reason)`` and is skipped; blank lines are ignored; ``progress`` gets bytes read."""
+    reason)`` and is skipped; blank lines are ignored; ``progress`` gets bytes read.
+    Times are checked against the clock when the reading starts."""
+    now = time.time()
     for number, raw in enumerate(lines, 1):
         progress(len(raw))
         try:
@@ -128,7 +151,7 @@ def read_records(lines: IO[bytes], name: str, bad: Callable[[str, int, str], Non
         if not text.strip():
             continue
         try:
-            yield parse_record(text)
+            yield parse_record(text, now)
         except ValueError as exc:
             bad(name, number, str(exc))
 
@@ -151,6 +174,7 @@ class Replay:
             self.graph, store = memory.graph_engine, memory
         self.store: LinkageStore = store
         self.pairs = PairFinder(settings)
+        self.cohort = CoHeld(settings)
         self.seen: set[str] = set()
         self.unknown: set[str] = set()
         self.records = 0
@@ -177,8 +201,9 @@ class Replay:
             account = Account(id=record.account, org=record.account, tier="default")
         self.seen.add(account.id)
         self.records += 1
-        cluster = await self.store.record(
-            account.id, observe(self.settings, account, record.ip, record.headers), now)
+        evidence = observe(self.settings, account, record.ip, record.headers)
+        co_held = self.cohort.add(account.id, evidence, now)
+        cluster = await self.store.record(account.id, evidence, now, co_held)
         found = self.pairs.add(account.id, record.prompt, now)
         if found:
             await self.store.record_pairs(found, now)
@@ -219,8 +244,9 @@ class Summary:
                + f"; {_n(len(self.graph.hot_values), 'hot value')}"
                + (f" ({hot})" if hot else ""))
         if self.out_of_order:
-            out += (f"\n{name}: {self.out_of_order:,} records were older than one before "
-                    "them: sort the log by time for exact windows and co-activity")
+            were = "was" if self.out_of_order == 1 else "were"
+            out += (f"\n{name}: {_n(self.out_of_order, 'record')} {were} older than one "
+                    "before it: sort the log by time for exact windows and co-activity")
         return out
 
 

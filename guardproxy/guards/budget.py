@@ -23,6 +23,10 @@ lease is renewed; after it, the reservation is settled with the reported usage:
 - nothing was generated (denied, cancelled before the response, upstream failed, an
   error answer without usage): nothing.
 A settle that fails is retried from a bounded queue (``state.settles``).
+
+``per: cluster``: when two linked clusters merge, the tokens used under the id that
+disappears (current windows) are added to the surviving id's, off the request path
+(``linkage/carry.py``); a reservation in flight under the old id settles there.
 """
 
 from __future__ import annotations

@@ -12,15 +12,32 @@ denies), and only once every guard of the policy has allowed the request does
 ``commit`` hit them. A window that filled up between the two (a concurrent request)
 denies then. The rate-limit headers describe the rule's shortest window, as OpenAI's
 and Anthropic's requests-per-minute headers do.
+
+``per: cluster``: when two linked clusters merge, ``carry`` adds the hits counted under
+the id that disappeared to the surviving id (``linkage/carry.py``, off the request
+path), once per merge and window (a marker counter: a repeated report adds nothing,
+and neither does a re-merge after a split within the same window).
+fixed-window: the absorbed id's count is added to the survivor's window (a survivor
+without an open window opens one at the merge, holding the carried hits).
+sliding-window: what the limiter sees for the absorbed id now (its previous window
+weighted, plus its current one) is added to the survivor's *current* window, so the
+carried part decays one window later than it would have: stricter, never looser.
+moving-window: not carried. The ``limits`` storage can only add entries stamped now,
+which would hold the absorbed cluster's requests for a whole window after the merge;
+the merged cluster's moving window counts its own id's entries only.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from limits import RateLimitItem
+from limits.aio.storage import SlidingWindowCounterSupport
 from limits.aio.strategies import (
     FixedWindowRateLimiter,
     MovingWindowRateLimiter,
@@ -45,6 +62,7 @@ STRATEGIES: dict[str, type[RateLimiter]] = {
     "moving-window": MovingWindowRateLimiter,
     "sliding-window": SlidingWindowCounterRateLimiter,
 }
+UNBOUNDED = 2 ** 53   # a limit no carried count reaches: the carry itself is never refused
 
 
 @dataclass(frozen=True)
@@ -104,6 +122,47 @@ class QuotaGuard:
 
         return Outcome(allowed=True, rule=name, shadow=self.rule.shadow, rate=reported,
                        commit=commit)
+
+    async def carry(self, moves: Sequence[tuple[str, str]]) -> int:
+        """For each ``(source key, target key)`` in order, add the hits counted under
+        the source to the target, in every window of the rule (see the module
+        docstring for what each strategy does). Returns the hits added, over windows.
+        Raises ``StoreError`` when the store fails; a carry marked but not added then
+        is lost (never added twice)."""
+        limiter = self.limiter
+        sliding = isinstance(limiter, SlidingWindowCounterRateLimiter)
+        if not sliding and not isinstance(limiter, FixedWindowRateLimiter):
+            return 0
+        storage = limiter.storage
+        name, added = self.rule.name, 0
+        try:
+            for source, target in moves:
+                if source == target:
+                    continue
+                for item in self.rates:
+                    expiry, key = item.get_expiry(), item.key_for(name, source)
+                    if sliding:
+                        prev, prev_ttl, current, _ = await cast(
+                            SlidingWindowCounterSupport, storage).get_sliding_window(key, expiry)
+                        count = math.floor(prev * prev_ttl / expiry + current)
+                    else:
+                        count = await storage.get(key)
+                    if count <= 0:
+                        continue
+                    # the marker first: two replicas reporting one merge add it once
+                    if await storage.incr(item.key_for(name, source, "carried-to", target),
+                                          expiry) != 1:
+                        continue
+                    if sliding:
+                        await cast(SlidingWindowCounterSupport, storage) \
+                            .acquire_sliding_window_entry(item.key_for(name, target),
+                                                          UNBOUNDED, expiry, count)
+                    else:
+                        await storage.incr(item.key_for(name, target), expiry, amount=count)
+                    added += count
+        except LimitsStorageError as exc:
+            raise StoreError(f"quota store unavailable: {exc}") from exc
+        return added
 
     def _denial(self, item: RateLimitItem, rate: RateHeaders, key: str) -> Outcome:
         name = self.rule.name

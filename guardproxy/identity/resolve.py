@@ -23,6 +23,11 @@ class Identifier:
         """``forwarded``: every X-Forwarded-For line joined (``forwarded_for``)."""
         return client_ip(peer, forwarded, self.trusted)
 
+    def peer_trusted(self, peer: str) -> bool:
+        """Whether the peer is one of ``clients.trusted_proxies`` (headers it sets about
+        the client, such as an edge's TLS fingerprint, can be believed)."""
+        return is_trusted(peer, self.trusted)
+
     def account(self, peer: str, headers: Mapping[str, str]) -> Account:
         if self.trust_header:
             # Only a trusted gateway may name the account; anyone else must show a key.

@@ -14,6 +14,7 @@ is *hot*: it stops counting and is reported instead.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -46,6 +47,18 @@ class LinkEvidence:
     last_seen: float
 
 
+def merged(evidence: Iterable[LinkEvidence]) -> tuple[LinkEvidence, ...]:
+    """One entry per signal, sorted by signal: a signal seen both as a shared value and
+    as pair evidence (a co-held hot value) spans the earliest first and latest last."""
+    out: dict[str, LinkEvidence] = {}
+    for e in evidence:
+        had = out.get(e.signal)
+        out[e.signal] = e if had is None else LinkEvidence(
+            e.signal, e.weight, min(had.first_seen, e.first_seen),
+            max(had.last_seen, e.last_seen))
+    return tuple(out[s] for s in sorted(out))
+
+
 @dataclass(frozen=True, slots=True)
 class Link:
     a: str
@@ -71,10 +84,12 @@ class Graph:
     hot_values: tuple[HotValue, ...] = field(default=())
 
     def as_json(self) -> dict[str, Any]:
+        """The export's JSON document; weights rounded to 6 decimals (a sum of float
+        weights such as 0.5 + 0.3 would otherwise print as 0.8000000000000002)."""
         return {"clusters": [
             {"id": cid, "accounts": list(accounts),
-             "links": [{"a": link.a, "b": link.b, "weight": link.weight,
-                        "evidence": [{"signal": e.signal, "weight": e.weight,
+             "links": [{"a": link.a, "b": link.b, "weight": round(link.weight, 6),
+                        "evidence": [{"signal": e.signal, "weight": round(e.weight, 6),
                                       "first_seen": e.first_seen, "last_seen": e.last_seen}
                                      for e in link.evidence]} for link in links]}
             for cid, accounts, links in self.clusters],
@@ -86,9 +101,11 @@ class LinkageStore(Protocol):
     """Where evidence and clusters live: ``memory://`` in the process, or Redis shared
     by every replica. Every method may raise ``guardproxy.errors.StoreError``."""
 
-    async def record(self, account: str, evidence: list[Evidence], now: float) -> Cluster:
-        """Add one request's evidence for ``account`` at ``now`` and return its cluster
-        after the update (one round trip on Redis)."""
+    async def record(self, account: str, evidence: list[Evidence], now: float,
+                     pairs: Sequence[PairEvidence] = ()) -> Cluster:
+        """Add one request's evidence for ``account`` at ``now``, then ``pairs`` (pair
+        evidence found on the request path: co-held hot values), and return its
+        cluster after the update (one round trip on Redis)."""
 
     async def record_pairs(self, pairs: list[PairEvidence], now: float) -> None:
         """Add pair evidence found off the request path."""

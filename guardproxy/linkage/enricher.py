@@ -8,11 +8,14 @@
 
 Per request: the evidence of the account (its attributes), the client IP and the
 headers is digested (``evidence.observe``) and recorded in ONE store call, which also
-returns the cluster (one Redis round trip). The prompt (the last user message, at most
-``MAX_PROMPT_CHARS``) and the time go to the ``PairFinder`` through a bounded queue
-drained by a background task: prompt similarity and co-activity never run on the
-request path. When the queue is full the item is dropped and counted
-(``counters.dropped``; logged once), and the request goes on.
+returns the cluster (one Redis round trip). Co-held hot values (``cohort``) are judged
+before that call, in process (microseconds; a Jaccard product only when the account is
+new on a hot value), and their pair evidence rides in the same store call: a naive
+hydra's new account is in its cluster from its first request. The prompt (the last
+user message, at most ``MAX_PROMPT_CHARS``) and the time go to the ``PairFinder``
+through a bounded queue drained by a background task: prompt similarity and
+co-activity never run on the request path. When the queue is full the item is dropped
+and counted (``counters.dropped``; logged once), and the request goes on.
 
 A store error never fails the request here: it is noted in
 ``exchange.notes["cluster_error"]`` and every rule that reads the cluster (``per:
@@ -21,6 +24,11 @@ cluster``, ``linkage:``) raises it inside the pipeline, where the rule's own
 
 The background task also rebuilds the clusters from live evidence every
 ``settings.rebuild_every`` seconds (0: never), so clusters split when evidence expires.
+
+Merges (on ``record``, ``record_pairs`` and ids changed by ``rebuild``) go to
+``merges``, a ``carry.MergeFeed`` whose own background task hands them to
+``merges.on_merge`` (the app wires ``carry.usage_carry``: ``per: cluster`` usage
+follows the cluster across merges), never on the request path.
 """
 
 from __future__ import annotations
@@ -37,7 +45,10 @@ from guardproxy.errors import StoreError
 from guardproxy.exchange import Exchange
 from guardproxy.guards.per import CLUSTER, CLUSTER_ERROR
 from guardproxy.linkage.api import LinkageStore
+from guardproxy.linkage.carry import MergeFeed
+from guardproxy.linkage.cohort import CoHeld
 from guardproxy.linkage.evidence import observe
+from guardproxy.linkage.graph import Event, log_event
 from guardproxy.linkage.settings import LinkageSettings
 from guardproxy.linkage.similarity import PairFinder
 from guardproxy.policy.model import Policy
@@ -47,6 +58,7 @@ log = logging.getLogger("guardproxy.linkage")
 
 MAX_PROMPT_CHARS = 4096   # what the pair finder sees of a prompt: its head
 QUEUE_SIZE = 10_000       # prompts waiting for the pair finder
+Item = tuple[str, str | None, float]   # account, prompt, time
 
 
 @dataclass(slots=True)
@@ -66,11 +78,14 @@ class LinkageEnricher:
     """``flow.Enricher`` for account linkage; see the module docstring.
 
     ``store`` is any ``api.LinkageStore``; ``pair_finder`` has ``add(account, prompt,
-    now) -> list[PairEvidence]``; ``clock`` gives unix seconds (injectable for tests)."""
+    now) -> list[PairEvidence]``; ``clock`` gives unix seconds (injectable for tests);
+    ``merges`` is the feed the store's ``on_event`` reports to (``linkage_enricher``
+    connects the two; a new, unconnected feed by default)."""
 
     def __init__(self, settings: LinkageSettings, store: LinkageStore,
                  pair_finder: PairFinder, *, queue_size: int = QUEUE_SIZE,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 merges: MergeFeed | None = None) -> None:
         if queue_size < 1:
             raise ValueError("queue_size must be at least 1")
         self.settings = settings
@@ -78,7 +93,10 @@ class LinkageEnricher:
         self.pair_finder = pair_finder
         self.clock = clock
         self.counters = LinkageCounters()
-        self.queue: asyncio.Queue[tuple[str, str | None, float]] = asyncio.Queue(queue_size)
+        self.merges = merges if merges is not None else MergeFeed()
+        cohort = CoHeld(settings)
+        self.cohort = cohort if cohort.enabled else None
+        self.queue: asyncio.Queue[Item] = asyncio.Queue(queue_size)
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self._warned_full = False
@@ -90,9 +108,11 @@ class LinkageEnricher:
         if account is None:
             return
         now = self.clock()
-        evidence = observe(self.settings, account, exchange.client_ip, exchange.headers)
+        evidence = observe(self.settings, account, exchange.client_ip, exchange.headers,
+                           peer_trusted=exchange.peer_trusted)
         try:
-            cluster = await self.store.record(account.id, evidence, now)
+            pairs = self.cohort.add(account.id, evidence, now) if self.cohort else []
+            cluster = await self.store.record(account.id, evidence, now, pairs)
         except StoreError as exc:
             self.counters.store_errors += 1
             exchange.notes[CLUSTER_ERROR] = exc
@@ -106,14 +126,14 @@ class LinkageEnricher:
             if self._failing:
                 self._failing = False
                 log.warning("linkage store available again")
-        self._offer(account.id, prompt_text(exchange.json), now)
+        self._offer((account.id, prompt_text(exchange.json), now))
 
-    def _offer(self, account: str, prompt: str | None, now: float) -> None:
+    def _offer(self, item: Item) -> None:
         if self._closed:
             return
         self._ensure_started()
         try:
-            self.queue.put_nowait((account, prompt, now))
+            self.queue.put_nowait(item)
         except asyncio.QueueFull:
             self.counters.dropped += 1
             if not self._warned_full:  # once: a full queue would otherwise flood the log
@@ -138,7 +158,7 @@ class LinkageEnricher:
         if any(t.get_loop() is not loop for t in self._tasks):
             # a queue waited on under another loop is bound to it: start with a new one
             self.queue = asyncio.Queue(self.queue.maxsize)
-        self._tasks = [loop.create_task(self._drain())]
+        self._tasks = [loop.create_task(self._drain()), loop.create_task(self.merges.run())]
         if self.settings.rebuild_every > 0:
             self._tasks.append(loop.create_task(self._rebuild_every()))
 
@@ -177,8 +197,9 @@ class LinkageEnricher:
     async def rebuild(self, *, scheduled: bool = False) -> None:
         """Recompute clusters from live evidence now. ``scheduled``: a store shared by
         replicas (Redis) skips it when another replica rebuilt less than half a period
-        ago."""
+        ago. The ids it changes go to ``merges`` (their usage follows)."""
         due = getattr(self.store, "rebuild_if_due", None) if scheduled else None
+        before = await self.merges.before_rebuild(self.store)
         try:
             if due is not None:
                 if not await due(self.clock()):
@@ -190,6 +211,7 @@ class LinkageEnricher:
             log.warning("linkage rebuild failed: %s", exc)
             return
         self.counters.rebuilds += 1
+        await self.merges.after_rebuild(self.store, before)
 
     async def drained(self) -> None:
         """Wait until every queued prompt has been processed (tests, ``ingest``)."""
@@ -269,15 +291,17 @@ def _joined(value: Any, budget: int = MAX_PROMPT_CHARS) -> str | None:
 
 
 # -- wiring ----------------------------------------------------------------
-def open_linkage_store(settings: LinkageSettings, state: State) -> LinkageStore:
-    """``memory://``: the in-process graph; Redis: the graph shared by every replica."""
+def open_linkage_store(settings: LinkageSettings, state: State,
+                       on_event: Event | None = log_event) -> LinkageStore:
+    """``memory://``: the in-process graph; Redis: the graph shared by every replica.
+    ``on_event(kind, fields)`` hears of links, merges and hot values."""
     if state.redis is None:
         from guardproxy.linkage.memory import MemoryLinkageStore
 
-        return MemoryLinkageStore(settings)
+        return MemoryLinkageStore(settings, on_event=on_event)
     from guardproxy.linkage.redis import RedisLinkageStore
 
-    return RedisLinkageStore(state.redis, state.key_prefix, settings)
+    return RedisLinkageStore(state.redis, state.key_prefix, settings, on_event=on_event)
 
 
 def linkage_enricher(policy: Policy, state: State) -> LinkageEnricher | None:
@@ -286,5 +310,9 @@ def linkage_enricher(policy: Policy, state: State) -> LinkageEnricher | None:
     settings = policy.linkage
     if settings is None:
         return None
-    return state.extra(("linkage", settings), lambda: LinkageEnricher(
-        settings, open_linkage_store(settings, state), PairFinder(settings)))
+    def open_() -> LinkageEnricher:
+        merges = MergeFeed()   # hears the store's events: merges are carried
+        return LinkageEnricher(settings, open_linkage_store(settings, state, merges),
+                               PairFinder(settings), merges=merges)
+
+    return state.extra(("linkage", settings), open_)

@@ -19,16 +19,21 @@ accounts declared in one org are one actor.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import ipaddress
+import unicodedata
 from collections.abc import Iterable, Mapping
+from types import MappingProxyType
 
 from guardproxy.linkage.api import Evidence
 from guardproxy.linkage.settings import ORG, LinkageSettings, SignalSpec
 from guardproxy.policy.model import Account
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# domains that deliver to one mailbox: the key's mailbox is the value's
+_DOMAIN_ALIASES: Mapping[str, str] = MappingProxyType({"googlemail.com": "gmail.com"})
 
 
 def digest(secret: str, signal: str, canonical: str) -> str:
@@ -37,17 +42,51 @@ def digest(secret: str, signal: str, canonical: str) -> str:
     return hmac.new(secret.encode("utf-8", "surrogatepass"), message, hashlib.sha256).hexdigest()
 
 
+def canonical_domain(domain: str) -> str:
+    """A mail domain as one spelling: trimmed of whitespace and trailing dots,
+    IDNA-encoded (``"bücher.example."`` -> ``"xn--bcher-kva.example"``; the text as
+    given when it is not a valid IDNA name), and ``googlemail.com`` (one mailbox with
+    ``gmail.com``) as ``gmail.com``. Expects text already NFKC-normalised and
+    lower-cased."""
+    domain = _trim(domain)
+    if domain.isascii():   # the codec would return it unchanged (or fail): skip it
+        return _DOMAIN_ALIASES.get(domain, domain)
+    # not IDNA (an empty or over-long label): kept as text, as the fallback spelling
+    with contextlib.suppress(UnicodeError):
+        # the idna codec also splits at the ideographic and full-width full stops
+        domain = _trim(domain.encode("idna").decode("ascii").lower())
+    return _DOMAIN_ALIASES.get(domain, domain)
+
+
+def _trim(domain: str) -> str:
+    """``domain`` without surrounding whitespace and trailing dots (a fully qualified
+    ``gmail.com.`` is ``gmail.com``)."""
+    domain = domain.strip()
+    while domain.endswith("."):
+        domain = domain[:-1].rstrip()
+    return domain
+
+
 def canonical_email(value: str, domains: Iterable[str]) -> str:
-    """``value`` trimmed and lower-cased; for a domain in ``domains`` (which ignore them,
-    as gmail.com does) dots and a ``+tag`` are removed from the local part:
-    ``" J.Doe+x@GMail.com "`` -> ``"jdoe@gmail.com"``. "" when there is nothing left."""
-    text = value.strip().lower()
+    """One spelling per mailbox: ``value`` NFKC-normalised, lower-cased and trimmed, its
+    domain per ``canonical_domain``; for a domain in ``domains`` (which ignore them, as
+    gmail.com does; compared in canonical form, so ``googlemail.com`` is ``gmail.com``)
+    dots and a ``+tag`` are removed from the local part:
+    ``" J.Doe+x@GoogleMail.com. "`` -> ``"jdoe@gmail.com"``. Idempotent. "" when there
+    is nothing left; text without ``@`` is returned normalised."""
+    # NFKC again after lower(): lower-casing can leave text that NFKC still changes
+    text = _nfkc(_nfkc(value).lower()).strip()
     local, at, domain = text.rpartition("@")
     if not at:
         return text
-    if domain in domains:
+    domain = canonical_domain(domain)
+    if domain in {canonical_domain(_nfkc(d).lower().strip()) for d in domains}:
         local = local.split("+", 1)[0].replace(".", "")
     return f"{local}@{domain}" if local and domain else ""
+
+
+def _nfkc(text: str) -> str:
+    return unicodedata.normalize("NFKC", text)
 
 
 def canonical_phone(value: str) -> str:
@@ -96,9 +135,12 @@ def header(headers: Mapping[str, str], name: str) -> str:
 
 
 def observe(settings: LinkageSettings, account: Account, client_ip: str,
-            headers: Mapping[str, str]) -> list[Evidence]:
+            headers: Mapping[str, str], *, peer_trusted: bool = True) -> list[Evidence]:
     """The evidence of one request: ``org``, then one digest per configured attribute,
-    IP and header signal whose value is present (pair signals give none here)."""
+    IP and header signal whose value is present (pair signals give none here). A
+    header signal marked ``edge`` (set by the edge: a TLS fingerprint) is read only
+    when ``peer_trusted`` (the request came through a trusted proxy): a client could
+    otherwise copy a victim's value and link itself to them."""
     secret = settings.secret
     out = [Evidence(ORG, digest(secret, ORG, account.org))] if account.org else []
     attributes = dict(account.attributes)
@@ -110,7 +152,7 @@ def observe(settings: LinkageSettings, account: Account, client_ip: str,
         elif spec.kind == "ip":
             value = ip_network(address, spec) if address is not None else ""
         elif spec.kind == "header":
-            value = header(headers, spec.name)
+            value = header(headers, spec.name) if peer_trusted or not spec.edge else ""
         else:
             continue
         if value:

@@ -59,7 +59,9 @@ from guardproxy.linkage.api import (
     Link,
     LinkEvidence,
     PairEvidence,
+    merged,
 )
+from guardproxy.linkage.clusters import Clusters
 from guardproxy.linkage.settings import ORG, LinkageSettings, SignalSpec
 
 HOT_COUNT_CAP = 64        # hot values report their account count up to at least this
@@ -77,7 +79,8 @@ log = logging.getLogger("guardproxy.linkage")
 def log_event(kind: str, fields: dict[str, Any]) -> None:
     """An ``on_event`` that logs each cluster decision as one JSON line at INFO on
     ``guardproxy.linkage``: ``{"event": "link_made", "a", "b", "weight", "signals",
-    "time"}``, ``{"event": "cluster_merged", "cluster", "size"}``, ``{"event":
+    "time"}``, ``{"event": "cluster_merged", "cluster", "absorbed", "size"}`` (``absorbed``:
+    the id that disappeared into ``cluster``), ``{"event":
     "hot_value", "signal", "digest", "accounts"}`` (digests only, never raw values)."""
     if log.isEnabledFor(logging.INFO):
         log.info(json.dumps({"event": EVENT_NAMES.get(kind, kind), **fields}, sort_keys=True))
@@ -118,14 +121,16 @@ class LinkGraph:
         self.auto_rebuild = auto_rebuild
         self.on_event = on_event
         self.values: OrderedDict[Key, _Value] = OrderedDict()
+        # values with at most one live holder, least recently seen first: evicted before
+        # any shared value (a flood of one account's junk values cannot push out evidence)
+        self.single: OrderedDict[Key, None] = OrderedDict()
+        # (account, signal) -> digest -> first seen: the account's new values in the window
+        self.shown: OrderedDict[Key, dict[str, float]] = OrderedDict()
+        self.sprays = 0   # new values not recorded: the account's cap was reached
         self.pairs: dict[Key, _Pair] = {}
         self.direct: OrderedDict[tuple[str, str, str], None] = OrderedDict()  # LRU order
         self.adjacent: dict[str, set[str]] = {}
-        self.parent: dict[str, str] = {}
-        self.size: dict[str, int] = {}           # root -> accounts (absent: 1)
-        self.group: dict[str, list[str]] = {}    # root -> members, for clusters of 2+
-        self.blocked_set: set[str] = set()
-        self.blocked_in: dict[str, int] = {}     # root -> blocked members
+        self.clusters = Clusters()
         self.rebuilt_at: float | None = None
 
     # -- recording ------------------------------------------------------------
@@ -139,11 +144,11 @@ class LinkGraph:
         return self.cluster(account)
 
     def record_pairs(self, pairs: Iterable[PairEvidence], now: float) -> None:
-        """Add pair evidence (signals ``prompt_similarity``/``co_activity`` configured)."""
+        """Add pair evidence: of a pair signal (prompt similarity, co-activity), or of a
+        value signal for a hot value two accounts co-hold (``cohort``)."""
         self._due(now)
         for ev in pairs:
-            spec = self.specs.get(ev.signal)
-            if spec is None or not spec.pair or ev.a == ev.b:
+            if ev.signal not in self.specs or ev.a == ev.b:
                 continue
             key = pair_key(ev.a, ev.b)
             pair = self.pairs.setdefault(key, _Pair())
@@ -169,19 +174,28 @@ class LinkGraph:
     def _see(self, account: str, spec: SignalSpec | None, signal: str, digest: str,
              now: float) -> None:
         key = (signal, digest)
+        horizon = now - self.settings.window
         value = self.values.get(key)
+        entry = value.seen.get(account) if value is not None else None
+        if entry is not None and entry[1] >= horizon:   # a live member again: the fast path
+            assert value is not None
+            self.values.move_to_end(key)
+            del value.seen[account]
+            value.seen[account] = (entry[0], max(entry[1], now))
+            if key in self.single:
+                self.single.move_to_end(key)
+            return
+        if spec is not None and not self._admit(account, signal, digest, now):
+            return
         if value is None:
-            value = self.values[key] = _Value()
-            while len(self.values) > self.max_values:
+            while len(self.values) >= self.max_values:
                 self._evict_value()
+            value = self.values[key] = _Value()
+            self.single[key] = None
         else:
             self.values.move_to_end(key)
-        horizon = now - self.settings.window
         seen = value.seen
         entry = seen.pop(account, None)
-        if entry is not None and entry[1] >= horizon:   # a live member again: the fast path
-            seen[account] = (entry[0], max(entry[1], now))
-            return
         if entry is not None:   # its own stale sighting: gone with what it shared
             seen[account] = entry
             self._leave(key, value, account)
@@ -192,6 +206,7 @@ class LinkGraph:
             self._leave(key, value, oldest)
         members = list(seen) if not value.hot or spec is None else []
         seen[account] = (now, now)
+        self._single(key, seen)
         if spec is None:   # org: link to its smallest member (a star spans the org)
             if members:
                 self._share(account, min(members), signal, digest, now)
@@ -211,6 +226,37 @@ class LinkGraph:
             return
         for other in members:
             self._share(account, other, signal, digest, now)
+
+    def _admit(self, account: str, signal: str, digest: str, now: float) -> bool:
+        """Whether the account may show a value of ``signal`` new to it: at most
+        ``max_values_per_account`` first shown within the window (counted, else)."""
+        key = (account, signal)
+        shown = self.shown.get(key)
+        if shown is None:
+            shown = self.shown[key] = {}
+            while len(self.shown) > self.max_values:
+                self.shown.popitem(last=False)
+        else:
+            self.shown.move_to_end(key)
+        if digest in shown:
+            return True
+        cap = self.settings.max_values_per_account
+        if len(shown) >= cap:
+            horizon = now - self.settings.window
+            for old in [d for d, first in shown.items() if first < horizon]:
+                del shown[old]
+            if len(shown) >= cap:
+                self.sprays += 1
+                return False
+        shown[digest] = now
+        return True
+
+    def _single(self, key: Key, seen: dict[str, tuple[float, float]]) -> None:
+        if len(seen) <= 1:
+            self.single[key] = None
+            self.single.move_to_end(key)
+        else:
+            self.single.pop(key, None)
 
     def _share(self, a: str, b: str, signal: str, digest: str, now: float) -> None:
         key = pair_key(a, b)
@@ -234,6 +280,7 @@ class LinkGraph:
     def _leave(self, key: Key, value: _Value, account: str) -> None:
         """``account``'s sighting of the value is gone: so is what it shared."""
         del value.seen[account]
+        self._single(key, value.seen)
         if not value.hot:
             self._withdraw(key, [account], others=list(value.seen))
 
@@ -255,7 +302,11 @@ class LinkGraph:
                     del self.pairs[pair_key(a, b)]
 
     def _evict_value(self) -> None:
-        key, value = self.values.popitem(last=False)
+        if self.single:   # a value nobody shares first: it carries no evidence yet
+            key = self.single.popitem(last=False)[0]
+            value = self.values.pop(key)
+        else:
+            key, value = self.values.popitem(last=False)
         if not value.hot:
             self._withdraw(key, list(value.seen))
 
@@ -276,54 +327,23 @@ class LinkGraph:
     def _link(self, a: str, b: str) -> None:
         self.adjacent.setdefault(a, set()).add(b)
         self.adjacent.setdefault(b, set()).add(a)
-        merged = self._union(a, b)
+        merged = self.clusters.union(a, b)
         if merged is not None and self.on_event is not None:
-            self._emit("merge", cluster=merged, size=self.size.get(merged, 1))
-
-    # -- union-find -------------------------------------------------------------
-    def _find(self, account: str) -> str:
-        root = account
-        while (up := self.parent.get(root, root)) != root:
-            root = up
-        while account != root:   # path compression
-            up = self.parent[account]
-            self.parent[account] = root
-            account = up
-        return root
-
-    def _union(self, a: str, b: str) -> str | None:
-        """Join the clusters of ``a`` and ``b``; the new root (None: already one)."""
-        ra, rb = self._find(a), self._find(b)
-        if ra == rb:
-            return None
-        if rb < ra:   # the smallest id stays the root: it is the cluster's id
-            ra, rb = rb, ra
-        self.parent[rb] = ra
-        self.parent.setdefault(ra, ra)
-        self.size[ra] = self.size.get(ra, 1) + self.size.pop(rb, 1)
-        small, large = self.group.pop(rb, [rb]), self.group.pop(ra, [ra])
-        if len(small) > len(large):
-            small, large = large, small
-        large.extend(small)
-        self.group[ra] = large
-        blocked = self.blocked_in.pop(rb, 0) + self.blocked_in.get(ra, 0)
-        if blocked:
-            self.blocked_in[ra] = blocked
-        return ra
+            root, absorbed = merged
+            # absorbed: the id that disappeared (its usage is carried, linkage.carry)
+            self._emit("merge", cluster=root, absorbed=absorbed,
+                       size=self.clusters.size.get(root, 1))
 
     # -- reading ------------------------------------------------------------------
     def cluster(self, account: str) -> Cluster:
-        root = self._find(account)
-        # the account itself counts: blocking it denies it under linked_to: blocked
-        return Cluster(id=root, size=self.size.get(root, 1),
-                       linked_to_blocked=self.blocked_in.get(root, 0) > 0)
+        return self.clusters.cluster(account)
 
     def linked_to_blocked(self, account: str) -> bool:
         """Whether ``account`` or another account of its cluster is blocked."""
         return self.cluster(account).linked_to_blocked
 
     def members(self, account: str) -> list[str]:
-        return sorted(self.group.get(self._find(account), [account]))
+        return self.clusters.members(account)
 
     def links(self, account: str) -> list[Link]:
         """The links inside the cluster (made since the last rebuild), sorted, with the
@@ -352,7 +372,7 @@ class LinkGraph:
                                         min(s[0] for s in spans), max(s[1] for s in spans)))
         for signal, (first, last) in pair.direct.items():
             out.append(LinkEvidence(signal, self.weights.get(signal, 0.0), first, last))
-        return tuple(sorted(out, key=lambda e: e.signal))
+        return merged(out)
 
     def hot_values(self) -> list[HotValue]:
         """Hot values, the most shared first (their sizes counted up to the cap)."""
@@ -362,7 +382,7 @@ class LinkGraph:
     def graph(self) -> Graph:
         """Every cluster of 2+ accounts (by id) with its links, and the hot values."""
         clusters = tuple((root, tuple(sorted(members)), tuple(self.links(root)))
-                         for root, members in sorted(self.group.items()))
+                         for root, members in sorted(self.clusters.group.items()))
         return Graph(clusters=clusters, hot_values=tuple(self.hot_values()))
 
     def stats(self) -> dict[str, int]:
@@ -371,7 +391,7 @@ class LinkGraph:
                 "sightings": sum(len(v.seen) for v in self.values.values()),
                 "pairs": len(self.pairs), "direct": len(self.direct),
                 "links": sum(len(n) for n in self.adjacent.values()) // 2,
-                "clusters": len(self.group), "accounts": len(self.parent)}
+                "clusters": len(self.clusters.group), "accounts": len(self.clusters.parent)}
 
     # -- rebuild and blocklist --------------------------------------------------------
     def rebuild(self, now: float) -> None:
@@ -380,6 +400,7 @@ class LinkGraph:
         horizon = now - self.settings.window
         self.rebuilt_at = now
         old, self.pairs = self.pairs, {}
+        self.single = single = OrderedDict[Key, None]()
         for key in list(self.values):
             signal, digest = key
             value = self.values[key]
@@ -388,6 +409,8 @@ class LinkGraph:
             if not value.seen:
                 del self.values[key]
                 continue
+            if len(value.seen) <= 1:
+                single[key] = None
             spec = self.specs.get(signal)
             if spec is None:   # org: a star around the smallest member
                 first = min(value.seen)
@@ -405,33 +428,20 @@ class LinkGraph:
             if times[1] >= horizon:
                 self.pairs.setdefault((a, b), _Pair()).direct[signal] = times
                 self.direct[(a, b, signal)] = None
-        self.adjacent, self.parent, self.size, self.group, self.blocked_in = {}, {}, {}, {}, {}
-        for account in self.blocked_set:
-            self.blocked_in[account] = 1
+        self.adjacent, self.clusters = {}, Clusters(self.clusters.blocked_set)
         threshold = self.settings.threshold - EPS
         for (a, b), pair in sorted(self.pairs.items()):
             if self._weight(pair) >= threshold:
                 self.adjacent.setdefault(a, set()).add(b)
                 self.adjacent.setdefault(b, set()).add(a)
-                self._union(a, b)
+                self.clusters.union(a, b)
 
     def block(self, account: str, blocked: bool = True) -> None:
         """Put ``account`` on the blocklist (or take it off)."""
-        if blocked == (account in self.blocked_set):
-            return
-        root = self._find(account)
-        count = self.blocked_in.get(root, 0) + (1 if blocked else -1)
-        if blocked:
-            self.blocked_set.add(account)
-        else:
-            self.blocked_set.discard(account)
-        if count:
-            self.blocked_in[root] = count
-        else:
-            self.blocked_in.pop(root, None)
+        self.clusters.block(account, blocked)
 
     def blocked(self) -> list[str]:
-        return sorted(self.blocked_set)
+        return sorted(self.clusters.blocked_set)
 
     def _emit(self, kind: str, **fields: Any) -> None:
         if self.on_event is not None:

@@ -12,7 +12,7 @@ decisions are logged by ``graph.log_event``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from guardproxy.linkage.api import Cluster, Evidence, Graph, Link, PairEvidence
@@ -30,8 +30,12 @@ class MemoryLinkageStore:
         self.settings = settings
         self.graph_engine = LinkGraph(settings, **options)
 
-    async def record(self, account: str, evidence: list[Evidence], now: float) -> Cluster:
-        return self.graph_engine.record(account, evidence, now)
+    async def record(self, account: str, evidence: list[Evidence], now: float,
+                     pairs: Sequence[PairEvidence] = ()) -> Cluster:
+        self.graph_engine.record(account, evidence, now)
+        if pairs:
+            self.graph_engine.record_pairs(pairs, now)
+        return self.graph_engine.cluster(account)
 
     async def record_pairs(self, pairs: Iterable[PairEvidence], now: float) -> None:
         self.graph_engine.record_pairs(pairs, now)

@@ -27,7 +27,7 @@ when another replica rebuilt less than half a period ago (``rebuild_if_due``).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from importlib import resources
 from typing import Any
 
@@ -42,6 +42,7 @@ from guardproxy.linkage.api import (
     Link,
     LinkEvidence,
     PairEvidence,
+    merged,
 )
 from guardproxy.linkage.graph import log_event
 from guardproxy.linkage.settings import ORG, LinkageSettings
@@ -73,7 +74,7 @@ class RedisLinkageStore:
         self.ttl = int(ttl if ttl is not None else
                        (settings.window + 2 * every if every > 0 else 2 * settings.window)) + 1
         self.value_signals = {s.id for s in settings.signals if not s.pair} | {ORG}
-        self.pair_signals = {s.id for s in settings.signals if s.pair}
+        self.signals = {s.id for s in settings.signals}   # org is never pair evidence
         common = "linkage_common.lua"
         self._record = client.register_script(_script(common, "linkage_record.lua"))
         self._pairs = client.register_script(_script(common, "linkage_pairs.lua"))
@@ -88,7 +89,7 @@ class RedisLinkageStore:
     def _args(self, now: float, *rest: Any) -> list[Any]:
         s = self.settings
         return [repr(float(now)), repr(float(s.window)), repr(float(s.threshold)), self.ttl,
-                *self._signals, *rest]
+                s.max_values_per_account, *self._signals, *rest]
 
     async def _call(self, script: Any, now: float, *rest: Any) -> Any:
         try:
@@ -107,8 +108,13 @@ class RedisLinkageStore:
             self.on_event(kind, fields)
 
     # -- recording -------------------------------------------------------------
-    async def record(self, account: str, evidence: list[Evidence], now: float) -> Cluster:
-        args: list[str] = [account]
+    async def record(self, account: str, evidence: list[Evidence], now: float,
+                     pairs: Sequence[PairEvidence] = ()) -> Cluster:
+        triples: list[str] = []
+        for pair in pairs:
+            if pair.signal in self.signals and pair.a != pair.b:
+                triples += [pair.a, pair.b, pair.signal]
+        args: list[Any] = [account, len(triples) // 3, *triples]
         for ev in evidence:   # as LinkGraph: unknown and pair signals are ignored
             if ev.signal in self.value_signals:
                 args += [ev.signal, ev.digest]
@@ -119,7 +125,7 @@ class RedisLinkageStore:
     async def record_pairs(self, pairs: Iterable[PairEvidence], now: float) -> None:
         args: list[str] = []
         for ev in pairs:
-            if ev.signal in self.pair_signals and ev.a != ev.b:
+            if ev.signal in self.signals and ev.a != ev.b:
                 args += [ev.a, ev.b, ev.signal]
         if args:
             self._events(await self._call(self._pairs, now, *args))
@@ -139,10 +145,10 @@ class RedisLinkageStore:
         out = []
         for i in range(0, len(flat), 3):
             ev = flat[i + 2]
-            evidence = sorted((LinkEvidence(_text(ev[j]), self.settings.weight(_text(ev[j])),
-                                            float(ev[j + 1]), float(ev[j + 2]))
-                               for j in range(0, len(ev), 3)), key=lambda e: e.signal)
-            out.append(Link(_text(flat[i]), _text(flat[i + 1]), tuple(evidence)))
+            evidence = merged(LinkEvidence(_text(ev[j]), self.settings.weight(_text(ev[j])),
+                                           float(ev[j + 1]), float(ev[j + 2]))
+                              for j in range(0, len(ev), 3))
+            out.append(Link(_text(flat[i]), _text(flat[i + 1]), evidence))
         return sorted(out, key=lambda link: (link.a, link.b))
 
     async def graph(self) -> Graph:

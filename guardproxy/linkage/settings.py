@@ -17,7 +17,11 @@
 Each signal entry has exactly one kind key (``attribute``, ``ip``, ``header``,
 ``prompt_similarity``, ``co_activity``), a ``weight`` (> 0) and optionally
 ``max_fanout`` (accounts sharing one value before it is *hot*; absent:
-``DEFAULT_FANOUT``). The signal's id names it in evidence and exports:
+``DEFAULT_FANOUT``), ``edge`` (headers: ``true`` when the edge sets the header,
+such as a TLS fingerprint: it is read only from requests whose peer is one of
+``clients.trusted_proxies``, so a client cannot copy a victim's value; the default
+for ``x-ja3*``/``x-ja4*``) and ``family`` (signals of one family observe the same thing:
+see ``SignalSpec.family`` and ``cohort``). The signal's id names it in evidence and exports:
 ``attribute:payment``, ``ip:exact``, ``ip:/24``, ``header:x-device-id``,
 ``prompt_similarity``, ``co_activity``; ids must be distinct.
 
@@ -26,6 +30,10 @@ addresses are grouped by ``ipv6: /M`` when given, else by the default mapping
 ``ipv6_prefix_for``: /64 for N >= 24 (one IPv6 subscriber or LAN, as a /24 is one
 small IPv4 network), /48 for 16 <= N < 24 (one site), /32 for N < 16 (one provider).
 ``ip: exact`` is the whole address (/32, /128). IPv4-mapped IPv6 addresses count as IPv4.
+
+An account shows at most ``max_values_per_account`` (default 64) values of one signal
+new to it within the window; further new values are not recorded for it (counted as
+sprays): one account cycling junk device ids cannot push others' evidence out.
 
 Co-activity (see ``similarity``): ``co_activity: 60s`` is the burst length; a pair
 counts when at least ``min_events`` of their burst onsets coincide and those are at
@@ -49,12 +57,15 @@ ORG = "org"                # the implicit signal: accounts of one declared org a
 DEFAULT_FANOUT = 100       # a value shared by more accounts says nothing about one actor
 MAX_FANOUT = 1000          # the pairs of one value grow as its fan-out squared
 MAX_WINDOW = 365 * 86400.0
+DEFAULT_VALUES_PER_ACCOUNT = 64
 DEFAULT_WINDOW = 30 * 86400.0
 DEFAULT_REBUILD = 3600.0
 DEFAULT_DOMAINS = frozenset({"gmail.com", "googlemail.com"})
-_COMMON = ("weight", "max_fanout")
+_COMMON = ("weight", "max_fanout", "family")
+CLIENT_HEADERS = ("user-agent", "sec-ch-ua", "x-ja3", "x-ja4")   # prefixes: one family
+EDGE_HEADERS = ("x-ja3", "x-ja4")   # TLS fingerprints: only the TLS terminator can set them
 _KIND_KEYS: dict[str, tuple[str, ...]] = {
-    "attribute": (), "ip": ("ipv6",), "header": (),
+    "attribute": (), "ip": ("ipv6",), "header": ("edge",),
     "prompt_similarity": ("min_pairs",), "co_activity": ("min_events", "min_share")}
 _WINDOW = re.compile(r"^\s*(\d{1,9}(?:\.\d{1,9})?)\s*(ms|s|m|h|d|w)?\s*$")
 _WINDOW_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0,
@@ -85,6 +96,22 @@ class SignalSpec:
     burst: float = 0.0
     min_events: int = 5
     min_share: float = 0.5
+    declared_family: str = ""   # the policy's ``family:``; empty: the default below
+    edge: bool = False          # a header set by the edge: believed from trusted proxies only
+
+    @property
+    def family(self) -> str:
+        """Signals of one family observe the same thing and never corroborate each
+        other (``cohort``): ``family:`` when given; else both IP signals are ``ip``,
+        client-software headers (``CLIENT_HEADERS``) are ``client``, any other
+        signal is its own."""
+        if self.declared_family:
+            return self.declared_family
+        if self.kind == "ip":
+            return "ip"
+        if self.kind == "header" and self.name.startswith(CLIENT_HEADERS):
+            return "client"
+        return self.id
 
     @property
     def fanout(self) -> int:
@@ -109,6 +136,9 @@ class LinkageSettings:
     signals: tuple[SignalSpec, ...] = ()
     email_canonical_domains: frozenset[str] = DEFAULT_DOMAINS
     rebuild_every: float = DEFAULT_REBUILD   # 0: never (only on demand)
+    # new values an account may show per signal within the window; beyond, its further
+    # new values are not recorded (a spray says nothing, and must not push out others')
+    max_values_per_account: int = DEFAULT_VALUES_PER_ACCOUNT
 
     def signal(self, signal_id: str) -> SignalSpec | None:
         return next((s for s in self.signals if s.id == signal_id), None)
@@ -168,9 +198,11 @@ def parse_linkage(top: Reader) -> LinkageSettings | None:
             top.problem("empty: give secret and signals, or remove 'linkage'", "linkage")
         return None
     r.allow(("secret", "window", "threshold", "signals", "email_canonical_domains",
-             "rebuild_every"), required=("secret", "signals"))
+             "rebuild_every", "max_values_per_account"), required=("secret", "signals"))
     secret = r.string("secret") or ""
-    if r.has("secret") and len(secret) < 16:
+    # an unset ${VARIABLE} is already a problem at this path: one message is enough
+    reported = any(p.path == r.sub("secret") for p in r.problems)
+    if r.has("secret") and len(secret) < 16 and not reported:
         r.problem("must be at least 16 characters (use a random secret)", "secret")
     window = r.parsed("window", parse_window, DEFAULT_WINDOW)
     threshold = r.typed("threshold", float, 1.0)
@@ -187,7 +219,10 @@ def parse_linkage(top: Reader) -> LinkageSettings | None:
     signals = _signals(r, window)
     return LinkageSettings(secret=secret, window=window, threshold=threshold,
                            signals=signals, email_canonical_domains=domains,
-                           rebuild_every=rebuild)
+                           rebuild_every=rebuild,
+                           max_values_per_account=r.positive_int(
+                               "max_values_per_account", DEFAULT_VALUES_PER_ACCOUNT,
+                               maximum=100_000))
 
 
 def _signals(r: Reader, window: float) -> tuple[SignalSpec, ...]:
@@ -227,7 +262,9 @@ def _signal(s: Reader, kind: Kind, window: float) -> SignalSpec | None:
         return None
     if weight is None:
         return None
-    common: dict[str, Any] = {"kind": kind, "weight": weight, "max_fanout": fanout}
+    family = (s.string("family") or "").strip() if s.has("family") else ""
+    common: dict[str, Any] = {"kind": kind, "weight": weight, "max_fanout": fanout,
+                              "declared_family": family}
     if kind == "attribute":
         name = s.string("attribute") or ""
         if not name.strip():
@@ -241,7 +278,8 @@ def _signal(s: Reader, kind: Kind, window: float) -> SignalSpec | None:
         except ValueError as exc:
             s.problem(str(exc), kind)
             return None
-        return SignalSpec(id=f"header:{name.lower()}", name=name.lower(), **common)
+        edge = bool(s.typed("edge", bool, name.lower().startswith(EDGE_HEADERS)))
+        return SignalSpec(id=f"header:{name.lower()}", name=name.lower(), edge=edge, **common)
     if kind == "ip":
         return _ip(s, common)
     if kind == "prompt_similarity":

@@ -36,6 +36,8 @@ strangers do now and then).
 
 Memory is bounded (eviction by time, oldest first): ``max_prompts`` stored prompts
 (~4 KB each with their buckets and counters, measured: ~40 MB at the default 10,000),
+of which one account keeps at most its ``PROMPTS_PER_ACCOUNT`` most recent (a flood of
+one account's junk prompts evicts only its own),
 ``max_pairs`` pair counters per signal, ``max_accounts`` accounts' onset histories (at
 most ``MAX_HISTORY`` times each). Cost: ~0.3 ms per prompt of 10-120 words. Everything is
 deterministic: fixed hash keys, insertion-ordered tables, sorted output.
@@ -62,6 +64,7 @@ SHINGLE_WORDS = 2
 MIN_WORDS = 8
 MAX_WORDS = 1000          # a prompt's head: the cost of one prompt stays bounded
 MAX_HISTORY = 1024        # times kept per counter (counts beyond it are capped)
+PROMPTS_PER_ACCOUNT = 200  # an account's most recent prompts kept: one cannot flush others
 _M64 = (1 << 64) - 1
 _WORD = re.compile(r"\w+")
 _DIGITS = re.compile(r"\d+")
@@ -188,10 +191,12 @@ class _Counts:
 
 class _Prompts:
     def __init__(self, spec: SignalSpec, window: float, max_prompts: int,
-                 max_pairs: int) -> None:
+                 max_pairs: int, per_account: int = PROMPTS_PER_ACCOUNT) -> None:
         self.spec = spec
         self.window = window
         self.max_prompts = max_prompts
+        self.per_account = per_account
+        self.mine: dict[str, deque[int]] = {}   # account -> its stored ids, oldest first
         self.bands, self.rows = bands_for(spec.similarity, LSH_HASHES)
         self.bucket_cap = 2 * (spec.fanout + 1)
         # prompt id -> (account, time, signature); ids increase with time
@@ -241,6 +246,10 @@ class _Prompts:
         self.next_id += 1
         self.prompts[pid] = (account, now, sig)
         self.own[(account, whole)] = pid
+        mine = self.mine.setdefault(account, deque())
+        mine.append(pid)
+        if len(mine) > self.per_account:
+            self._drop(mine[0])
         for key in keys:
             bucket = self.buckets.setdefault(key, [])
             for i, old in enumerate(bucket):   # the account's newest prompt only
@@ -259,7 +268,14 @@ class _Prompts:
             self._evict()
 
     def _evict(self) -> None:
-        pid, (account, _, sig) = self.prompts.popitem(last=False)
+        self._drop(next(iter(self.prompts)))
+
+    def _drop(self, pid: int) -> None:
+        account, _, sig = self.prompts.pop(pid)
+        mine = self.mine[account]
+        mine.remove(pid)   # its oldest, but for a repeat's or a cap's eviction: short
+        if not mine:
+            del self.mine[account]
         whole = hash(tuple(sig))
         if self.own.get((account, whole)) == pid:
             del self.own[(account, whole)]

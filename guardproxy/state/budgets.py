@@ -12,6 +12,13 @@ store's clock (``TIME``) inside the scripts, so replicas whose clocks disagree s
 count into the same windows and never reclaim each other's live leases. ``now`` on a
 ``Reservation`` or ``WindowState`` is that clock at the operation: render relative
 times (Retry-After, reset-in) as ``reset - now``, not against the local clock.
+
+Carry (``carry``): when two linked clusters merge, the tokens the disappearing id has
+*used* in its current windows are added to the same windows of the surviving id
+(``linkage/carry.py`` calls it off the request path). The source keeps its counts (a
+split may hand them back, and an in-flight reservation still settles there: that
+settle is not carried unless the merge is reported again). Each target window
+remembers how much it took from each source, so a repeated report adds only growth.
 """
 
 from __future__ import annotations
@@ -19,11 +26,12 @@ from __future__ import annotations
 import heapq
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from guardproxy.errors import StoreError
@@ -55,6 +63,16 @@ class WindowState:
         return self.limit - self.used - self.reserved
 
 
+@dataclass(frozen=True, slots=True)
+class Carry:
+    """Add ``source``'s used tokens to ``target``, in the current window of each of
+    ``windows`` (the budget rule's; the same for both subjects)."""
+
+    source: str
+    target: str
+    windows: tuple[Window, ...]
+
+
 @dataclass(slots=True)
 class Reservation:
     ok: bool
@@ -83,6 +101,13 @@ class BudgetStore(ABC):
     @abstractmethod
     async def usage(self, subject: str, windows: tuple[Window, ...]) -> list[WindowState]: ...
 
+    @abstractmethod
+    async def carry(self, carries: Sequence[Carry]) -> int:
+        """Apply ``carries`` in order (a chain a -> b, b -> c carries a's use on to c):
+        each adds what its source has used in the current windows and the target has
+        not yet taken from that source (idempotent). Returns the tokens added over
+        every window. Raises ``StoreError`` when the store is unavailable."""
+
     async def aclose(self) -> None:
         return None
 
@@ -99,6 +124,8 @@ class MemoryBudgetStore(BudgetStore):
         # lease id -> (state r|x, tokens held, window keys, deadline); deleted when settled
         self.leases: dict[str, tuple[str, int, tuple[str, ...], float]] = {}
         self.deadlines: list[tuple[float, str]] = []         # heap; stale entries skipped
+        # window key -> {source subject: used tokens taken from it} (carry)
+        self.carried: dict[str, dict[str, int]] = {}
         self._ops = 0
         self.new_lease_id = IdSource()
 
@@ -128,6 +155,7 @@ class MemoryBudgetStore(BudgetStore):
             for key in [k for k, t in self.expiry.items() if t < now]:
                 self.windows.pop(key, None)
                 self.expiry.pop(key, None)
+                self.carried.pop(key, None)
 
     async def reserve(self, subject: str, windows: tuple[Window, ...], amount: int,
                       ttl: float) -> Reservation:
@@ -183,6 +211,25 @@ class MemoryBudgetStore(BudgetStore):
             out.append(WindowState(w.limit, used, reserved, reset, now))
         return out
 
+    async def carry(self, carries: Sequence[Carry]) -> int:
+        now = self.clock()
+        self._sweep(now)
+        added = 0
+        for c in carries:
+            if c.source == c.target:
+                continue
+            for w in c.windows:
+                index, reset = w.bounds(now)
+                used = self.windows.get(self._key(c.source, w, index), (0, 0))[0]
+                key = self._key(c.target, w, index)
+                before = self.carried.get(key, {}).get(c.source, 0)
+                if used > before:
+                    self.windows.setdefault(key, [0, 0])[0] += used - before
+                    self.expiry[key] = reset + GRACE
+                    self.carried.setdefault(key, {})[c.source] = used
+                    added += used - before
+        return added
+
 
 def _script(*names: str) -> str:
     return "\n".join(resources.files("guardproxy.state").joinpath(f"lua/{name}")
@@ -206,6 +253,7 @@ class RedisBudgetStore(BudgetStore):
         self._usage = client.register_script(_script("lease_common.lua", "budget_usage.lua"))
         self._settle = client.register_script(_script("budget_settle.lua"))
         self._renew = client.register_script(_script("lease_renew.lua"))
+        self._carry = client.register_script(_script("lease_common.lua", "budget_carry.lua"))
         self.new_lease_id = IdSource()
 
     def _tag(self, subject: str) -> str:
@@ -250,6 +298,29 @@ class RedisBudgetStore(BudgetStore):
         return [WindowState(w.limit, int(result[2 + 3 * i]), int(result[3 + 3 * i]),
                             float(result[4 + 3 * i]), now)
                 for i, w in enumerate(windows)]
+
+    async def carry(self, carries: Sequence[Carry]) -> int:
+        """One script call for the whole batch; on Redis Cluster, where a source and its
+        target are in different slots, two per carry: read the source, add to the target."""
+        todo = [c for c in carries if c.source != c.target and c.windows]
+        if not todo:
+            return 0
+        if isinstance(self.client, RedisCluster):
+            added = 0
+            for c in todo:
+                args: list[Any] = [GRACE, 1, len(c.windows), c.source, 1]
+                for w, state in zip(c.windows, await self.usage(c.source, c.windows),
+                                    strict=True):
+                    args += [w.seconds, round(state.reset_at / w.seconds) - 1, state.used]
+                added += int(await self._call(self._carry, self._keys(c.target, c.windows)[2:],
+                                              args))
+            return added
+        keys: list[str] = []
+        args = [GRACE, len(todo)]
+        for c in todo:
+            keys += self._keys(c.source, c.windows)[2:] + self._keys(c.target, c.windows)[2:]
+            args += [len(c.windows), c.source, 0, *(w.seconds for w in c.windows)]
+        return int(await self._call(self._carry, keys, args))
 
     async def aclose(self) -> None:
         await self.client.aclose()

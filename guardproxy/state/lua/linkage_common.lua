@@ -20,6 +20,7 @@
 --   B:bin                  hash   rep (or lone account) -> blocked members
 --   B:blocked              set    the blocklist (never expires)
 --   B:rebuilt              string time of the last rebuild
+--   B:n:<len(a)>:<a><signal> zset  digest -> first shown: an account's new values (TTL)
 --
 -- Clusters are kept by "weighted quick-find": every member points at its rep directly
 -- and a merge relabels the smaller cluster, so reading a cluster is O(1) and all merges
@@ -27,8 +28,9 @@
 -- reference's root. Account ids are compared bytewise (lt), as Python compares str:
 -- Lua's own '<' follows the server's locale.
 --
--- ARGV: now, window, threshold, ttl, n, then n triples (signal, weight, fanout; fanout
--- -1 for pair signals), then the script's own arguments from ARGV[6 + 3n].
+-- ARGV: now, window, threshold, ttl, max values per account, n, then n triples (signal,
+-- weight, fanout; fanout -1 for pair signals), then the script's own arguments from
+-- ARGV[7 + 3n].
 
 local B = KEYS[1]
 local NOW = tonumber(ARGV[1])
@@ -39,14 +41,15 @@ local EPS = 1e-9
 local HOT_COUNT_CAP = 64
 local ORG = 'org'
 local WEIGHT, FANOUT = {}, {}
-local NSIG = tonumber(ARGV[5])
+local CAP = tonumber(ARGV[5])   -- new values an account may show per signal in the window
+local NSIG = tonumber(ARGV[6])
 for i = 0, NSIG - 1 do
-  local s = ARGV[6 + 3 * i]
-  WEIGHT[s] = tonumber(ARGV[7 + 3 * i])
-  FANOUT[s] = tonumber(ARGV[8 + 3 * i])
+  local s = ARGV[7 + 3 * i]
+  WEIGHT[s] = tonumber(ARGV[8 + 3 * i])
+  FANOUT[s] = tonumber(ARGV[9 + 3 * i])
 end
 WEIGHT[ORG] = THRESHOLD
-local ARG = 6 + 3 * NSIG
+local ARG = 7 + 3 * NSIG
 local EVENTS = {}
 
 local VALUES, HOT, SEQ = B .. ':values', B .. ':hot', B .. ':seq'
@@ -119,7 +122,8 @@ local function group(r)
   return m
 end
 
--- join the clusters of a and b: the new cluster id and size (nil: already one)
+-- join the clusters of a and b: the new cluster id, its size and the id that
+-- disappeared into it (nil: already one)
 local function union(a, b)
   local ra, rb = find(a), find(b)
   if ra == rb then return nil end
@@ -140,15 +144,15 @@ local function union(a, b)
   redis.call('SREM', ROOTS, rb)
   redis.call('HDEL', CID, rb)
   redis.call('SADD', ROOTS, ra)
-  local id = ida
-  if lt(idb, ida) then id = idb end
+  local id, gone = ida, idb
+  if lt(idb, ida) then id, gone = idb, ida end
   redis.call('HSET', CID, ra, id)
   local blocked = tonumber(redis.call('HGET', BIN, rb) or '0')
   if blocked ~= 0 then
     redis.call('HINCRBY', BIN, ra, blocked)
     redis.call('HDEL', BIN, rb)
   end
-  return id, #ma + #mb
+  return id, #ma + #mb, gone
 end
 
 local function cluster(account)
@@ -189,8 +193,9 @@ local function link(a, b, w, names)
   redis.call('SADD', akey(b), a)
   redis.call('SADD', ADJS, a, b)
   event('link', {a = a, b = b, weight = w, signals = names, time = NOW})
-  local id, size = union(a, b)
-  if id then event('merge', {cluster = id, size = size}) end
+  local id, size, gone = union(a, b)
+  -- absorbed: the id that disappeared (its usage is carried, linkage/carry.py)
+  if id then event('merge', {cluster = id, absorbed = gone, size = size}) end
 end
 
 local function check(a, b, key)
@@ -218,5 +223,22 @@ local function withdraw(a, b, signal, digest)
       redis.call('HDEL', key, 'n|' .. signal)
     end
     if redis.call('EXISTS', key) == 0 then redis.call('SREM', PAIRS, p) end
+  end
+end
+
+-- pair evidence of a signal (graph.py record_pairs): a new one may link the pair
+local function add_pair(a, b, signal)
+  local p, x, y = pid(a, b)
+  local key, field = pkey(p), 'd|' .. signal
+  local raw = redis.call('HGET', key, field)
+  if raw then
+    local first, last = parse_span(raw)
+    redis.call('HSET', key, field, fmt(first) .. ' ' .. fmt(math.max(last, NOW)))
+    redis.call('EXPIRE', key, TTL)
+  else
+    redis.call('HSET', key, field, fmt(NOW) .. ' ' .. fmt(NOW))
+    redis.call('EXPIRE', key, TTL)
+    redis.call('SADD', PAIRS, p)
+    check(x, y, key)
   end
 end

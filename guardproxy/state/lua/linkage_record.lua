@@ -1,8 +1,24 @@
--- record(account, evidence, now): one request's sightings, then the account's cluster.
--- ARGV[ARG] = account, then (signal, digest) pairs: org or a configured value signal.
+-- record(account, evidence, now, pairs): one request's sightings, then its pair evidence
+-- (co-held hot values, linkage/cohort.py), then the account's cluster.
+-- ARGV[ARG] = account, ARGV[ARG+1] = n, then n (a, b, signal) triples, then (signal,
+-- digest) pairs: org or a configured value signal.
 -- Returns {cluster id, size, linked_to_blocked (0/1), event kind, event JSON, ...}.
 
 local function seq() return redis.call('INCR', SEQ) end
+
+-- whether the account may show a value of the signal new to it (graph.py _admit): at
+-- most CAP first shown within the window
+local function admit(account, signal, digest)
+  local nk = B .. ':n:' .. #account .. ':' .. account .. signal
+  if redis.call('ZSCORE', nk, digest) then return true end
+  if redis.call('ZCARD', nk) >= CAP then
+    redis.call('ZREMRANGEBYSCORE', nk, '-inf', '(' .. fmt(NOW - WINDOW))
+    if redis.call('ZCARD', nk) >= CAP then return false end
+  end
+  redis.call('ZADD', nk, fmt(NOW), digest)
+  redis.call('EXPIRE', nk, TTL)
+  return true
+end
 
 local function see(account, signal, digest)
   local fanout = FANOUT[signal] or -1   -- -1: org (never hot; a star around its smallest)
@@ -18,6 +34,7 @@ local function see(account, signal, digest)
       return
     end
   end
+  if fanout >= 0 and not admit(account, signal, digest) then return end
   local hot = redis.call('SISMEMBER', HOT, vid) == 1
   local flat = redis.call('HGETALL', vk)
   local live, stale = {}, {}
@@ -79,8 +96,12 @@ local function see(account, signal, digest)
 end
 
 local account = ARGV[ARG]
-for i = ARG + 1, #ARGV, 2 do
+local after = ARG + 2 + 3 * tonumber(ARGV[ARG + 1])
+for i = after, #ARGV, 2 do
   see(account, ARGV[i], ARGV[i + 1])
+end
+for i = ARG + 2, after - 1, 3 do
+  add_pair(ARGV[i], ARGV[i + 1], ARGV[i + 2])
 end
 local out = cluster(account)
 for _, e in ipairs(EVENTS) do out[#out + 1] = e end
