@@ -33,6 +33,7 @@ from guardproxy.response.driver import ResponseDriver
 from guardproxy.response.events import Ending, ResponseStage
 from guardproxy.response.usage import Lease, Usage, UsageMeter
 from guardproxy.state import State
+from guardproxy.trace import AUDIT_INCLUDE
 
 log = logging.getLogger("guardproxy")
 
@@ -52,6 +53,7 @@ class Admission:
     stages: list[ResponseStage] = field(default_factory=list)
     commits: list[tuple[Guard, Callable[[], Awaitable[Outcome | None]]]] = field(
         default_factory=list)
+    decisions: list[Outcome] = field(default_factory=list)   # every rule that decided
 
     def add_rates(self, outcome: Outcome) -> None:
         # Report the tightest window per resource, as the SDKs expect one value each.
@@ -70,7 +72,8 @@ class Pipeline:
         self.policy = policy
         self.dialect: Dialect = get_dialect(policy.upstream.dialect)
         self.state = state
-        self.observer: Observer = observer or Observers(LogObserver())
+        self.observer: Observers = observer if isinstance(observer, Observers) else \
+            Observers(observer or LogObserver())
         self.enrichers = tuple(enrichers)
         self.identifier = Identifier(policy, self.dialect)
         runtime = Runtime(policy=policy, state=state, dialect=self.dialect,
@@ -93,6 +96,10 @@ class Pipeline:
             outcome = await self._ask(guard, exchange, guard.check(exchange), admission)
             if outcome is None:
                 continue
+            admission.decisions.append(outcome)
+            if guard.rule.audit_include:   # this rule asks for the request's text
+                exchange.notes[AUDIT_INCLUDE] = frozenset(
+                    exchange.notes.get(AUDIT_INCLUDE, frozenset()) | set(guard.rule.audit_include))
             if guard not in self.private:
                 admission.add_rates(outcome)
             if outcome.lease is not None:
@@ -108,6 +115,9 @@ class Pipeline:
         for guard, commit in admission.commits:
             outcome = await self._ask(guard, exchange, commit(), admission)
             if outcome is not None and self._denied(exchange, outcome):
+                # the deferred hit found the window full: that is the rule's verdict
+                admission.decisions[:] = [outcome if d.rule == outcome.rule else d
+                                          for d in admission.decisions]
                 admission.denial = outcome
                 if guard not in self.private:
                     admission.add_rates(outcome)

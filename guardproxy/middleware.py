@@ -24,6 +24,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from guardproxy.audit.trail import audit_observer
 from guardproxy.dialects import CLIENT_CREDENTIAL_HEADERS
 from guardproxy.errors import GuardProxyError, RequestError
 from guardproxy.exchange import Exchange
@@ -32,7 +33,8 @@ from guardproxy.identity.client_ip import forwarded_for
 from guardproxy.ids import IdSource
 from guardproxy.linkage.carry import usage_carry
 from guardproxy.linkage.enricher import LinkageEnricher, linkage_enricher
-from guardproxy.observe import Observer
+from guardproxy.metrics import metrics_observer
+from guardproxy.observe import LogObserver, Observer, Observers
 from guardproxy.policy.load import load_policy
 from guardproxy.policy.match import Pattern
 from guardproxy.policy.model import Policy
@@ -40,6 +42,7 @@ from guardproxy.request.body import parse_json
 from guardproxy.request.path import normalize_path
 from guardproxy.response.events import Ending
 from guardproxy.state import State, open_state
+from guardproxy.trace import Trace
 from guardproxy.upstream.framing import http10_send
 from guardproxy.upstream.headers import HOP_BY_HOP
 
@@ -60,7 +63,8 @@ class GuardMiddleware:
         self.observer = observer
         self.new_request_id = IdSource()
         self.linkage: LinkageEnricher | None = linkage_enricher(loaded, self.state)
-        self.pipeline = Pipeline(loaded, self.state, observer, _enrichers(self.linkage))
+        self.pipeline = Pipeline(loaded, self.state, self._observers(loaded),
+                                 _enrichers(self.linkage))
         _carry_usage(self.linkage, self.pipeline)
         self.unguarded = Pattern.compile(loaded.unguarded, glob=True)
         self._closing: set[asyncio.Task[None]] = set()
@@ -72,7 +76,7 @@ class GuardMiddleware:
         if (policy.state, policy.key_prefix) != (self.state.uri, self.state.key_prefix):
             raise ValueError("a reload cannot change 'state' or 'key_prefix': restart")
         linkage = linkage_enricher(policy, self.state)
-        pipeline = Pipeline(policy, self.state, self.observer, _enrichers(linkage))
+        pipeline = Pipeline(policy, self.state, self._observers(policy), _enrichers(linkage))
         old, self.linkage = self.linkage, linkage
         self.pipeline, self.unguarded = pipeline, Pattern.compile(policy.unguarded, glob=True)
         _carry_usage(linkage, pipeline)
@@ -82,6 +86,12 @@ class GuardMiddleware:
                 task = asyncio.get_running_loop().create_task(old.aclose())
                 self._closing.add(task)  # held until done: the loop keeps weak references
                 task.add_done_callback(self._closing.discard)
+
+    def _observers(self, policy: Policy) -> Observers:
+        """The embedder's observer (default: decision log lines), then the policy's
+        audit trail and the process's metrics, each kept in the state across reloads."""
+        extra = (audit_observer(policy, self.state), metrics_observer(policy, self.state))
+        return Observers(self.observer or LogObserver(), *(o for o in extra if o is not None))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -100,6 +110,10 @@ class GuardMiddleware:
             if message["type"] == "lifespan.shutdown.complete":
                 if self.linkage is not None:
                     await self.linkage.aclose()
+                for o in self.pipeline.observer.observers:   # the audit writer: flushed
+                    close = getattr(o, "aclose", None)
+                    if close is not None:
+                        await close()
                 if self.owns_state:
                     await self.state.aclose()
             await send(message)
@@ -133,13 +147,29 @@ class GuardMiddleware:
                                 peer, forwarded_for(scope["headers"])),
                             peer_trusted=pipeline.identifier.peer_trusted(peer),
                             request_id=given_id or self.new_request_id())
+        bad: GuardProxyError | None = None
         try:
             exchange.path, raw_path = normalize_path(_target(scope))
-            if self.unguarded(exchange.path):
-                await self.app({**scope, "path": exchange.path, "raw_path": raw_path},
-                               receive, send)
-                return
-            exchange.account = pipeline.identifier.account(peer, headers)
+        except GuardProxyError as exc:
+            bad, raw_path = exc, b""
+        if bad is None and self.unguarded(exchange.path):
+            await self.app({**scope, "path": exchange.path, "raw_path": raw_path}, receive, send)
+            return
+        trace = Trace(exchange)   # every guarded request ends in one RequestRecord
+        try:
+            if bad is not None:
+                await _error(trace.wrap(send), pipeline, bad.status, bad.kind, "", bad.message,
+                             exchange)
+            else:
+                await self._guarded(pipeline, scope, receive, trace.wrap(send), exchange,
+                                    trace, peer, raw_path)
+        finally:
+            pipeline.observer.completed(trace.record(pipeline))
+
+    async def _guarded(self, pipeline: Pipeline, scope: Scope, receive: Receive, send: Send,
+                       exchange: Exchange, trace: Trace, peer: str, raw_path: bytes) -> None:
+        try:
+            exchange.account = pipeline.identifier.account(peer, exchange.headers)
             await self._read_request(pipeline, exchange, receive)
             await pipeline.enrich(exchange)  # after the body: linkage reads the prompt
             admission = await pipeline.admit(exchange)
@@ -150,13 +180,14 @@ class GuardMiddleware:
             await _error(send, pipeline, 400, "invalid_request", "",
                          "Request body is nested too deeply.", exchange)
             return
+        trace.admission = admission
         if admission.denial is not None:
             d = admission.denial
             await _error(send, pipeline, d.status, d.kind, d.code, d.message, exchange,
                          d.retry_after, admission)
             return
         scope = {**scope, "path": exchange.path, "raw_path": raw_path}
-        await self._forward(pipeline, scope, receive, send, exchange, admission)
+        await self._forward(pipeline, scope, receive, send, exchange, admission, trace)
 
     async def _read_request(self, pipeline: Pipeline, exchange: Exchange,
                             receive: Receive) -> None:
@@ -195,7 +226,7 @@ class GuardMiddleware:
         exchange.plan = pipeline.dialect.plan(exchange.path, parsed, pipeline.policy.upstream)
 
     async def _forward(self, pipeline: Pipeline, scope: Scope, receive: Receive, send: Send,
-                       exchange: Exchange, admission: Admission) -> None:
+                       exchange: Exchange, admission: Admission, trace: Trace) -> None:
         body = exchange.forwarded_body() if exchange.body is not None else None
         request_id = exchange.request_id.encode("latin-1", "replace")
         parsed = exchange.json is not None
@@ -239,6 +270,7 @@ class GuardMiddleware:
         keeper = LeaseKeeper(admission.leases, min((lease.ttl for lease in admission.leases),
                                                    default=60.0) / 3)
         ending = Ending.CANCELLED
+        trace.forwarding(admission)
         try:
             await self.app(inner_scope, inner_receive, send_out)
             ending = Ending.COMPLETED if driver.completed else (
@@ -249,6 +281,7 @@ class GuardMiddleware:
         finally:
             keeper.stop()
             await driver.finish(ending)
+            trace.ended(ending)
 
 
 async def _failed(exc: Exception, send: Send, pipeline: Pipeline, exchange: Exchange,

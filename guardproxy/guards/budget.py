@@ -50,6 +50,7 @@ from guardproxy.response.usage import Usage
 from guardproxy.state.budgets import Reservation, Window
 from guardproxy.tokens import estimate_prompt, estimate_text
 
+SETTLED = "settled"   # exchange.notes: rule -> (reserved, charged) tokens
 _READS = frozenset({"GET", "HEAD", "OPTIONS"})  # without a body: nothing to charge
 _COUNTS = {"total": (1.0, 1.0), "prompt": (1.0, 0.0), "completion": (0.0, 1.0)}
 _RESOURCE = {(1.0, 0.0): "input-tokens", (0.0, 1.0): "output-tokens"}
@@ -119,6 +120,8 @@ class BudgetLease:
             actual = cost(usage.prompt, usage.completion)
         guard = self.guard
         await guard.settles.settle(guard.store, self.subject, self.lease_id, actual)
+        # for the request's record (audit, metrics): what each budget rule held and charged
+        self.exchange.notes.setdefault(SETTLED, {})[guard.rule.name] = (self.amount, actual)
         guard.observer.settled(self.exchange, guard.rule.name, self.amount, actual, ending)
 
 

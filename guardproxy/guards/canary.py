@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from guardproxy.canary.index import fingerprint
 from guardproxy.canary.keys import CanaryKeys
 from guardproxy.canary.ledger import Ledger, fingerprint_entry, open_ledger, parse_max_age
 from guardproxy.canary.marker import Marker
@@ -32,6 +33,7 @@ from guardproxy.exchange import Exchange
 from guardproxy.guards.base import Outcome, Phase, RuleKind, Runtime
 from guardproxy.policy.model import Rule
 from guardproxy.policy.reader import Reader
+from guardproxy.trace import CANARY_KEY, LEDGER_ENTRY
 
 log = logging.getLogger("guardproxy.canary")
 MARKS = CHANNELS
@@ -138,6 +140,8 @@ class CanaryGuard:
                                self.settings.tripwire)
         self.dialect = runtime.dialect.name
         self.ledger = build_ledger(self.settings, runtime)
+        # names the key (not the account) in the request's record: which secret marked it
+        self.key_id = fingerprint(self.keys).hex()[:16]
         self.when = None if rule.when.always else rule.when
 
     async def check(self, exchange: Exchange) -> Outcome | None:
@@ -159,6 +163,10 @@ class CanaryGuard:
             if self.ledger is not None and text.strip():
                 await self.ledger.record(await fingerprint_entry(
                     text, account, exchange.request_id, time.time()))
+                exchange.notes[LEDGER_ENTRY] = exchange.request_id   # entries are by request
+
+        if enforce:
+            exchange.notes[CANARY_KEY] = self.key_id
 
         stage = CanaryStage(self.dialect, new_marker, record, rewrite=enforce)
         return Outcome(allowed=True, rule=self.rule.name, shadow=self.rule.shadow, stage=stage)

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from guardproxy.audit.settings import parse_audit, parse_rule_audit
 from guardproxy.dialects import DIALECTS
 from guardproxy.errors import PolicyError, Problem
 from guardproxy.guards import per_keys, rule_kinds
@@ -38,10 +39,10 @@ from guardproxy.state import validate_uri
 from guardproxy.tokens import load_tokenizer
 
 TOP_KEYS = ("version", "upstream", "state", "key_prefix", "accounts", "clients", "admin",
-            "tokenizer", "rules", "unguarded", "linkage")
+            "tokenizer", "rules", "unguarded", "linkage", "audit")
 UPSTREAM_KEYS = ("url", "dialect", "headers", "timeout", "connect_timeout", "cap_field",
                  "stream_usage", "max_event_bytes")
-COMMON_RULE_KEYS = ("name", "when", "mode", "per", "on_store_error")
+COMMON_RULE_KEYS = ("name", "when", "mode", "per", "on_store_error", "audit")
 CAP_FIELDS = ("max_tokens", "max_completion_tokens", "both")
 STREAM_USAGE = ("inject", "never")
 # framing headers belong to the proxy: a fixed value would corrupt every request
@@ -89,10 +90,11 @@ def _parse(source: Path, env: Mapping[str, str], problems: list[Problem]) -> Pol
     rules = _rules(top)
     tokenizer = top.parsed("tokenizer", _tokenizer, None)
     admin = top.child("admin")
-    admin_token = None
+    admin_token = admin_listen = None
     if admin is not None:
-        admin.allow(("token",))
+        admin.allow(("token", "listen"))
         admin_token = admin.string("token") or None
+        admin_listen = admin.parsed("listen", parse_listen, None)
     linkage = parse_linkage(top)
     if linkage is None:
         for rule in rules:  # without evidence, a cluster is every account alone: say so
@@ -103,7 +105,17 @@ def _parse(source: Path, env: Mapping[str, str], problems: list[Problem]) -> Pol
     return Policy(source=source, upstream=upstream, state=state, key_prefix=key_prefix,
                   accounts=accounts, clients=clients, rules=rules, admin_token=admin_token,
                   unguarded=_unguarded(top), keys=keys, tokenizer=tokenizer,
-                  linkage=linkage)
+                  linkage=linkage, audit=parse_audit(top), admin_listen=admin_listen)
+
+
+def parse_listen(value: Any) -> tuple[str, int]:
+    """``admin.listen``: ``HOST:PORT`` (``[::1]:9090`` for IPv6) -> (host, port)."""
+    text = str(value).strip() if isinstance(value, str | int) else ""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:9090")
+    return host, int(port)
 
 
 def _state_uri(value: Any) -> str:
@@ -280,7 +292,8 @@ def _rules(top: Reader) -> tuple[Rule, ...]:
         on_store_error = r.choice("on_store_error", ("deny", "allow"), "deny")
         rules.append(Rule(name=name, kind=kind.key, mode=mode,  # type: ignore[arg-type]
                           when=_when(r), per=per, settings=kind.parse(r), line=r.line(),
-                          on_store_error=on_store_error))  # type: ignore[arg-type]
+                          on_store_error=on_store_error,  # type: ignore[arg-type]
+                          audit_include=parse_rule_audit(r)))
     return tuple(rules)
 
 

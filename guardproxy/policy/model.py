@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from guardproxy.policy.match import Match
 
 if TYPE_CHECKING:  # linkage.settings reads policies: importing it here would be a cycle
+    from guardproxy.audit.settings import AuditSettings
     from guardproxy.linkage.settings import LinkageSettings
 
 Mode = Literal["enforce", "shadow"]
@@ -58,6 +59,7 @@ class Rule:
     settings: Any
     line: int
     on_store_error: Literal["deny", "allow"] = "deny"
+    audit_include: tuple[str, ...] = ()   # text fields the requests it decides carry
 
     @property
     def shadow(self) -> bool:
@@ -90,3 +92,7 @@ class Policy:
     tokenizer: Callable[[str], int] | None = field(default=None, compare=False, hash=False)
     # the top-level ``linkage:`` section (None: accounts are counted alone)
     linkage: LinkageSettings | None = None
+    # the top-level ``audit:`` section (None: no audit trail)
+    audit: AuditSettings | None = None
+    # ``admin.listen``: serve /admin on its own address, never on the proxy's port
+    admin_listen: tuple[str, int] | None = None

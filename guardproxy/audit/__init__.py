@@ -1,0 +1,1 @@
+"""The audit trail: one JSON line per guarded request (see ``settings`` and ``writer``)."""
