@@ -23,6 +23,10 @@ ENV GUARDPROXY_POLICY=/etc/guardproxy/default.yaml \
     PYTHONUNBUFFERED=1
 EXPOSE 8080
 VOLUME ["/etc/guardproxy"]
+# /healthz, not /readyz: Docker's one health check drives restarts (Swarm, autoheal),
+# and restarting the proxy never fixes an unreachable Redis; readiness (/readyz: policy
+# loaded, state store reachable or allowed to fail) is for the load balancer / Kubernetes.
+# With admin.listen in the policy, /admin and /metrics are on that address, not on 8080.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
   CMD ["python", "-c", "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2).status != 200)"]
 ENTRYPOINT ["guardproxy", "serve", "--host", "0.0.0.0", "--port", "8080"]

@@ -9,11 +9,19 @@
                                                 behind every link (never raw values)
     POST /admin/linkage/{account}/block         add to / remove from the linkage blocklist
     POST /admin/linkage/{account}/unblock
+    GET  /admin/policy                          the policy in force: version, source
+                                                hashes, load time, reload counts, errors
+    POST /admin/reload                          re-read the policy files and swap: 200
+                                                {"reloaded": true, "version"}, or 422 with
+                                                "errors" (FILE:LINE lines; old policy kept)
+    GET|POST /admin/explain?account=A&ip=IP     body: REQUEST.json (optional) -> what the
+                                                proxy would do with it; nothing counted
+    GET  /admin/openapi.json                    the OpenAPI 3.1 description of all these
 
-The last two are what ``guardproxy canary detect`` and ``guardproxy ledger match`` do,
-here because a ``memory://`` ledger lives only inside the proxy process. Admin endpoints
-exist only when ``admin.token`` is set in the policy, and every call must carry it as
-``Authorization: Bearer <token>``.
+The canary and ledger endpoints are what ``guardproxy canary detect`` and ``guardproxy
+ledger match`` do, here because a ``memory://`` ledger lives only inside the proxy
+process. Admin endpoints exist only when ``admin.token`` is set in the policy, and every
+call must carry it as ``Authorization: Bearer <token>``.
 """
 
 from __future__ import annotations
@@ -21,7 +29,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-from typing import Any
+import os
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote
 
 from starlette.types import Receive, Scope, Send
@@ -31,11 +40,17 @@ from guardproxy.canary.ledger import COMMON, LIMIT, match
 from guardproxy.canary.settings import known_accounts, population_of
 from guardproxy.errors import StoreError
 from guardproxy.exchange import Exchange
+from guardproxy.explain.engine import ExplainError, ExplainRequest
+from guardproxy.explain.engine import explain as dry_run
+from guardproxy.explain.openapi import document
 from guardproxy.flow import Pipeline
 from guardproxy.guards.budget import BudgetGuard
 from guardproxy.guards.canary import CanaryGuard
 from guardproxy.linkage.api import LinkageStore
 from guardproxy.middleware import GuardMiddleware
+
+if TYPE_CHECKING:
+    from guardproxy.reload import Reloader
 
 MAX_TEXT_BYTES = 4 << 20
 
@@ -88,8 +103,10 @@ async def linkage_report(store: LinkageStore, account: str) -> dict[str, Any]:
 
 
 class AdminApp:
-    def __init__(self, guarded: GuardMiddleware, token: str) -> None:
+    def __init__(self, guarded: GuardMiddleware, token: str, *,
+                 reloader: Reloader | None = None) -> None:
         self.guarded = guarded
+        self.reloader = reloader   # None: /admin/reload and /admin/policy answer 404
         self.token = token.encode()
         # built on first use (one HMAC per account), again only after a policy reload
         self._accounts: tuple[object, AccountIndex] | None = None
@@ -107,6 +124,13 @@ class AdminApp:
             return
         parts = scope["path"].strip("/").split("/")
         method = scope["method"]
+        if len(parts) == 2 and parts[1] in ("reload", "policy"):
+            await self.policy_route(parts[1], method, send)
+            return
+        if len(parts) == 2 and parts[1] in ("explain", "openapi.json"):
+            await (self.explain(scope, receive, send) if parts[1] == "explain"
+                   else self.openapi(method, send))
+            return
         if len(parts) >= 3 and parts[1] == "linkage":
             await self.linkage(scope, send)
             return
@@ -135,6 +159,33 @@ class AdminApp:
         except ValueError as exc:
             status, body = 400, {"error": str(exc)}
         await _json(send, status, body)
+
+    async def policy_route(self, name: str, method: str, send: Send) -> None:
+        """GET /admin/policy, POST /admin/reload (guardproxy/reload.py)."""
+        reloader = self.reloader
+        if reloader is None:
+            await _json(send, 404, {"error": "this server does not reload its policy"})
+            return
+        if (name, method) not in (("policy", "GET"), ("reload", "POST")):
+            await _json(send, 405, {"error": "GET /admin/policy, POST /admin/reload"})
+            return
+        if name == "reload":
+            result = await reloader.reload()
+            await _json(send, 200 if result.ok else 422,
+                        {"reloaded": result.ok, "version": result.version,
+                         "errors": list(result.errors)})
+            return
+        policy = reloader.policy
+        keys_file = policy.accounts.keys_file
+        await _json(send, 200, {
+            "version": reloader.version, "source": str(policy.source),
+            "source_sha256": reloader.source_sha256,
+            "accounts_file": str(keys_file) if keys_file is not None else None,
+            "accounts_sha256": reloader.accounts_sha256 or None,
+            "loaded_at": reloader.loaded_at, "rules": [r.name for r in policy.rules],
+            "reloads": {"ok": reloader.reloads_ok, "failed": reloader.reloads_failed},
+            "last_errors": list(reloader.last_errors),
+            "pid": os.getpid()})   # with --workers N: which worker answered
 
     async def linkage(self, scope: Scope, send: Send) -> None:
         """GET /admin/linkage/{account}, POST /admin/linkage/{account}/block|unblock."""
@@ -199,6 +250,38 @@ class AdminApp:
                  for m in await match(ledger, text, common=common, limit=limit)]
         found.sort(key=lambda m: m.log10_p)
         return 200, {"matches": [m.as_dict() for m in found[:limit]]}
+
+    async def explain(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """GET|POST /admin/explain?account=&ip=&model=, body REQUEST.json or none (then
+        ``{"model": model}`` or ``{}`` on the chat endpoint): guardproxy/explain/."""
+        if scope["method"] not in ("GET", "POST"):
+            await _json(send, 405, {"error": "GET or POST /admin/explain"})
+            return
+        text = await _read_text(receive)
+        if text is None:
+            await _json(send, 413, {"error": f"body larger than {MAX_TEXT_BYTES} bytes"})
+            return
+        query = {k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode()).items()}
+        # read together, no await between: the policy and its linkage store agree
+        pipeline, enricher = self.pipeline, self.guarded.linkage
+        try:
+            doc = json.loads(text) if text.strip() else (
+                {"model": query["model"]} if "model" in query else {})
+            report = await dry_run(pipeline, ExplainRequest.from_json(doc, pipeline.dialect),
+                                   account=query.get("account"), ip=query.get("ip"),
+                                   linkage=enricher.store if enricher is not None else None)
+        except (ValueError, RecursionError) as exc:   # not JSON, bad envelope, unknown id
+            status = exc.status if isinstance(exc, ExplainError) else 400
+            await _json(send, status, {"error": str(exc) or "body nested too deeply"})
+            return
+        await _json(send, 200, report)
+
+    async def openapi(self, method: str, send: Send) -> None:
+        """GET /admin/openapi.json (guardproxy/explain/openapi.py)."""
+        if method != "GET":
+            await _json(send, 405, {"error": "GET /admin/openapi.json"})
+            return
+        await _json(send, 200, document())
 
 
 def _int_param(query: dict[str, list[str]], name: str, default: int, low: int,

@@ -42,7 +42,7 @@ from guardproxy.request.body import parse_json
 from guardproxy.request.path import normalize_path
 from guardproxy.response.events import Ending
 from guardproxy.state import State, open_state
-from guardproxy.trace import Trace
+from guardproxy.trace import BYTES_IN, Trace
 from guardproxy.upstream.framing import http10_send
 from guardproxy.upstream.headers import HOP_BY_HOP
 
@@ -76,7 +76,9 @@ class GuardMiddleware:
         if (policy.state, policy.key_prefix) != (self.state.uri, self.state.key_prefix):
             raise ValueError("a reload cannot change 'state' or 'key_prefix': restart")
         linkage = linkage_enricher(policy, self.state)
-        pipeline = Pipeline(policy, self.state, self._observers(policy), _enrichers(linkage))
+        observers = Observers()   # filled once the pipeline is built: a policy whose
+        pipeline = Pipeline(policy, self.state, observers, _enrichers(linkage))
+        observers.observers = self._observers(policy).observers   # rules fail changes nothing
         old, self.linkage = self.linkage, linkage
         self.pipeline, self.unguarded = pipeline, Pattern.compile(policy.unguarded, glob=True)
         _carry_usage(linkage, pipeline)
@@ -207,6 +209,7 @@ class GuardMiddleware:
         if headers.get("content-encoding", "identity").strip().lower() != "identity":
             raise RequestError("Compressed request bodies are not accepted.", status=415)
         exchange.body = await _read_body(receive, pipeline.policy.clients.max_body_bytes)
+        exchange.notes[BYTES_IN] = len(exchange.body)   # before any guard reshapes it
         if not exchange.body and (exchange.method in _NO_BODY or not generation):
             return
         if generation or labelled_json:
@@ -259,6 +262,7 @@ class GuardMiddleware:
                 message = {**message, "headers": out}
                 driver.started = True
             elif message["type"] == "http.response.body":
+                trace.upstream_body(len(message.get("body", b"")))
                 final = not message.get("more_body", False)
                 message = {**message, "body": driver.body(message.get("body", b""), final)}
             try:

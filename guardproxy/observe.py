@@ -59,7 +59,7 @@ class RequestRecord:
     ``tokens_settled``: the largest of the budget rules' (0 without budgets);
     ``upstream_seconds``: from forwarding to the response's end; ``ttfb_seconds``: to
     its first body byte; ``prompt`` / ``response``: only when a matching rule opts in
-    (``audit: {include: [prompt, response]}``), else None."""
+    (``audit: {include: [prompt]}``; no stage keeps the response text yet), else None."""
 
     time: float
     request_id: str

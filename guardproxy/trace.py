@@ -31,6 +31,7 @@ CANARY_KEY = "canary_key_id"      # exchange.notes: the key that marked the resp
 LEDGER_ENTRY = "ledger_entry_id"  # exchange.notes: the ledger entry of its text
 AUDIT_INCLUDE = "audit_include"   # exchange.notes: text fields a matching rule opted in
 RESPONSE_TEXT = "response_text"   # exchange.notes: the text the client got, when asked
+BYTES_IN = "bytes_in"             # exchange.notes: the request body as the client sent it
 
 
 class Trace:
@@ -64,10 +65,7 @@ class Trace:
             if message["type"] == "http.response.start":
                 self.status = int(message["status"])
             elif message["type"] == "http.response.body":
-                size = len(message.get("body", b""))
-                if size and self.first_byte is None and self.upstream_at is not None:
-                    self.first_byte = time.perf_counter()
-                self.bytes_out += size
+                self.bytes_out += len(message.get("body", b""))
             await send(message)
 
         return counted
@@ -75,6 +73,11 @@ class Trace:
     def forwarding(self, admission: Admission) -> None:
         self.admission = admission
         self.upstream_at = time.perf_counter()
+
+    def upstream_body(self, size: int) -> None:
+        """A body chunk of the upstream's response is on its way to the client."""
+        if size and self.first_byte is None:
+            self.first_byte = time.perf_counter()
 
     def ended(self, ending: Ending) -> None:
         self.ending = ending
@@ -99,9 +102,8 @@ class Trace:
             upstream = end - self.upstream_at
             if self.first_byte is not None:
                 ttfb = self.first_byte - self.upstream_at
-        if ex.body is not None:
-            bytes_in = len(ex.body)
-        else:
+        bytes_in = ex.notes.get(BYTES_IN)
+        if bytes_in is None:   # streamed through unread: what the client declared
             length = ex.headers.get("content-length", "")
             bytes_in = int(length) if length.isdigit() else 0
         ending = self.ending

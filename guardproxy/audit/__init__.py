@@ -1,1 +1,3 @@
-"""The audit trail: one JSON line per guarded request (see ``settings`` and ``writer``)."""
+"""The audit trail: one JSON line per guarded request (``line``: the format; ``settings``:
+the policy's ``audit:``; ``writer``: the queue, thread and rotation; ``trail``: the
+observer; ``verify``: the hash chain across rotated files)."""

@@ -1,9 +1,10 @@
 """The policy's ``audit:`` section and the per-rule ``audit: {include: […]}``.
 
     audit:
-      path: /var/log/guardproxy/audit.jsonl   # or "-" for stdout
+      path: /var/log/guardproxy/audit.jsonl   # or "-" for stdout; {pid}: the process id
       max_bytes: 100MB                        # rotate past this size (0: never)
-      backups: 10                             # rotated files kept (audit.jsonl.1 … .10)
+      backups: 10                             # rotated files kept (audit.jsonl.1 … .10;
+                                              #   0: a full file is discarded)
       chain: false                            # each line carries the previous line's hash
       include: []                             # text every line carries: prompt, response
       queue: 10000                            # lines waiting for the writer thread
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from guardproxy.policy.reader import Reader
 from guardproxy.policy.values import parse_size
 
-TEXT_FIELDS = ("prompt", "response")
+TEXT_FIELDS = ("prompt",)   # the response text is not kept by any stage yet
 DEFAULT_MAX_BYTES = 100 * 1024 * 1024
 DEFAULT_BACKUPS = 10
 DEFAULT_QUEUE = 10_000
@@ -58,7 +59,7 @@ def parse_audit(top: Reader) -> AuditSettings | None:
 
 
 def parse_include(r: Reader) -> tuple[str, ...]:
-    """``include: [prompt, response]`` of ``r``: the text fields named (validated)."""
+    """``include: [prompt]`` of ``r``: the text fields named (validated)."""
     if not r.has("include"):
         return ()
     names = r.string_list("include") or ()

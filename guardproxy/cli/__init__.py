@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import click
 
+from guardproxy.cli.audit import audit
 from guardproxy.cli.canary import canary
+from guardproxy.cli.explain import explain
 from guardproxy.cli.ingest import ingest_command
 from guardproxy.cli.keys import keys
 from guardproxy.cli.ledger import ledger
@@ -28,3 +30,5 @@ main.add_command(canary)
 main.add_command(ledger)
 main.add_command(ingest_command)
 main.add_command(linkage)
+main.add_command(audit)
+main.add_command(explain)

@@ -1,4 +1,4 @@
-"""``guardproxy ingest --policy P LOG.jsonl [--export OUT.json]``: backfill linkage from history.
+"""``guardproxy ingest --policy P LOG.jsonl... [--export OUT.json]``: backfill linkage from history.
 
 One JSON object per line (other keys are ignored, so richer lines can be fed as they are)::
 
@@ -9,7 +9,14 @@ One JSON object per line (other keys are ignored, so richer lines can be fed as 
 from 2000-01-01 to one day after the machine's clock (one far-future record would make the
 final rebuild expire every link); ``ip`` is read as the proxy reads client addresses (a
 port and brackets are dropped: ``[2001:db8::1]:443``); ``account`` is trimmed;
-``headers`` and ``prompt`` may be left out. Each record goes through the engine the proxy
+``headers`` and ``prompt`` may be left out. The proxy's own audit trail (``audit:``) is
+such a log as it is: its lines carry ``time``, ``account``, ``ip`` and, when a rule
+opted in, ``prompt`` (no headers: they may hold linkage raw values); lines of denied
+requests count like any other, and a line of a request no account was found for
+(``"account": null`` with a ``request_id``) is skipped and counted, not reported. Several
+LOGs are read one after another as one history; the rotations of one file
+(``audit.jsonl.2``, ``.1``, ``audit.jsonl``) oldest first, whatever order they are named
+in. Each record goes through the engine the proxy
 uses (``evidence.observe`` → ``LinkGraph.record``, the prompt and time to the
 ``PairFinder`` → ``record_pairs``) at the record's own time, so windows, expiry and
 co-activity work on history; clusters are rebuilt every ``linkage.rebuild_every`` of log
@@ -32,7 +39,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -104,9 +111,14 @@ def _seconds(value: Any) -> float:
     return seconds
 
 
+class Unattributed(ValueError):
+    """An audit line of a request no account was found for: nothing to link."""
+
+
 def parse_record(text: str, now: float | None = None) -> Record:
     """One line of the ingest format (``now``: see ``parse_time``); raises
-    ``ValueError`` saying what is wrong."""
+    ``ValueError`` saying what is wrong (``Unattributed`` for an audit line without an
+    account)."""
     try:
         doc = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as exc:
@@ -117,6 +129,8 @@ def parse_record(text: str, now: float | None = None) -> Record:
         raise ValueError("missing 'time'")
     when = parse_time(doc["time"], now)
     account = doc.get("account")
+    if account is None and "request_id" in doc and "account" in doc:
+        raise Unattributed("an audit line without an account")
     if not isinstance(account, str) or not account.strip():
         raise ValueError("'account' must be a non-empty string")
     ip = doc.get("ip") or ""
@@ -136,10 +150,12 @@ def parse_record(text: str, now: float | None = None) -> Record:
 
 
 def read_records(lines: IO[bytes], name: str, bad: Callable[[str, int, str], None],
-                 progress: Callable[[int], None] = lambda n: None) -> Iterator[Record]:
+                 progress: Callable[[int], None] = lambda n: None,
+                 unattributed: Callable[[], None] = lambda: None) -> Iterator[Record]:
     """The records of a file opened in binary; each bad line goes to ``bad(name, line,
-    reason)`` and is skipped; blank lines are ignored; ``progress`` gets bytes read.
-    Times are checked against the clock when the reading starts."""
+    reason)`` and is skipped; blank lines are ignored; ``progress`` gets bytes read;
+    an audit line without an account calls ``unattributed()`` and is skipped. Times
+    are checked against the clock when the reading starts."""
     now = time.time()
     for number, raw in enumerate(lines, 1):
         progress(len(raw))
@@ -152,6 +168,8 @@ def read_records(lines: IO[bytes], name: str, bad: Callable[[str, int, str], Non
             continue
         try:
             yield parse_record(text, now)
+        except Unattributed:
+            unattributed()
         except ValueError as exc:
             bad(name, number, str(exc))
 
@@ -229,6 +247,7 @@ class Summary:
     unknown: int
     out_of_order: int
     graph: Graph
+    unattributed: int = 0   # audit lines of requests without an account
 
     def text(self, name: str) -> str:
         sizes = [len(accounts) for _, accounts, _ in self.graph.clusters]
@@ -237,7 +256,10 @@ class Summary:
             by_signal[value.signal] = by_signal.get(value.signal, 0) + 1
         hot = ", ".join(f"{s} {n}" for s, n in sorted(by_signal.items()))
         out = (f"{name}: {_n(self.lines, 'line')} read, {self.skipped:,} skipped, "
-               f"{_n(self.records, 'record')}; {_n(self.accounts, 'account')}"
+               f"{_n(self.records, 'record')}"
+               + (f" ({self.unattributed:,} audit lines without an account skipped)"
+                  if self.unattributed else "")
+               + f"; {_n(self.accounts, 'account')}"
                + (f" ({self.unknown:,} not in the accounts file)" if self.unknown else "")
                + f"; {_n(len(sizes), 'cluster')} of 2+ accounts"
                + (f" (largest {max(sizes):,}, {sum(sizes):,} accounts in all)" if sizes else "")
@@ -250,10 +272,11 @@ class Summary:
         return out
 
 
-async def ingest(path: Path, replay: Replay, bad: Callable[[str, int, str], None],
+async def ingest(paths: Path | Sequence[Path], replay: Replay,
+                 bad: Callable[[str, int, str], None],
                  progress: Callable[[int], None] = lambda n: None) -> Summary:
-    """Feed every record of ``path`` to ``replay`` and finish it."""
-    lines = skipped = 0
+    """Feed every record of ``paths`` (one after another) to ``replay`` and finish it."""
+    lines = skipped = unattributed = 0
 
     def on_bad(name: str, number: int, reason: str) -> None:
         nonlocal skipped
@@ -265,15 +288,21 @@ async def ingest(path: Path, replay: Replay, bad: Callable[[str, int, str], None
         lines += 1
         progress(n)
 
-    with path.open("rb") as file:
-        for record in read_records(file, str(path), on_bad, counted):
-            await replay.feed(record)
+    def no_account() -> None:
+        nonlocal unattributed
+        unattributed += 1
+
+    for path in [paths] if isinstance(paths, Path) else paths:
+        with path.open("rb") as file:
+            for record in read_records(file, str(path), on_bad, counted, no_account):
+                await replay.feed(record)
     return Summary(lines, skipped, replay.records, len(replay.seen), len(replay.unknown),
-                   replay.out_of_order, await replay.finish())
+                   replay.out_of_order, await replay.finish(), unattributed)
 
 
 @click.command("ingest")
-@click.argument("log", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("logs", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--policy", "policy_path", type=click.Path(path_type=Path), required=True,
               envvar="GUARDPROXY_POLICY")
 @click.option("--export", "export", type=click.Path(dir_okay=False, path_type=Path),
@@ -285,12 +314,14 @@ async def ingest(path: Path, replay: Replay, bad: Callable[[str, int, str], None
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar on stderr (default: when stderr is a terminal and the "
               "log is over 1 MiB).")
-def ingest_command(log: Path, policy_path: Path, export: Path | None, into_store: bool,
-                   progress: bool | None) -> None:
-    """Feed the recorded requests of LOG (JSON lines: time, account, ip, headers,
-    prompt) through the policy's account-linkage engine at their own times, then print
-    a summary (and write the graph with --export). Bad lines are reported as
-    FILE:LINE: reason and skipped."""
+def ingest_command(logs: tuple[Path, ...], policy_path: Path, export: Path | None,
+                   into_store: bool, progress: bool | None) -> None:
+    """Feed the recorded requests of LOGS (JSON lines: time, account, ip, headers,
+    prompt; the proxy's audit trail is one) through the policy's account-linkage engine
+    at their own times, then print a summary (and write the graph with --export). The
+    rotations of one file are read oldest first. Bad lines are reported as FILE:LINE:
+    reason and skipped."""
+    from guardproxy.audit.verify import rotation_order
     from guardproxy.cli.serve import _load_or_exit
     from guardproxy.errors import StoreError
     from guardproxy.linkage.enricher import open_linkage_store
@@ -307,7 +338,8 @@ def ingest_command(log: Path, policy_path: Path, export: Path | None, into_store
                    "process: --store has nothing to feed (the result is --export)", err=True)
         sys.exit(1)
     accounts = {a.id: a for a in policy.keys.values()}
-    size = log.stat().st_size
+    paths = [Path(p) for p in rotation_order([str(p) for p in logs])]
+    size = sum(p.stat().st_size for p in paths)
     show = progress if progress is not None else (size > 1 << 20 and sys.stderr.isatty())
     # a message over a drawn bar starts a clean line (the bar redraws below it)
     clear = "\r\x1b[K" if show and sys.stderr.isatty() else ""
@@ -323,11 +355,11 @@ def ingest_command(log: Path, policy_path: Path, export: Path | None, into_store
 
     async def run() -> Summary:
         if not into_store:
-            return await ingest(log, Replay(settings, accounts), bad, bar.update)
+            return await ingest(paths, Replay(settings, accounts), bad, bar.update)
         state = open_state(policy.state, policy.key_prefix)
         store = open_linkage_store(settings, state)
         try:
-            return await ingest(log, Replay(settings, accounts, store), bad, bar.update)
+            return await ingest(paths, Replay(settings, accounts, store), bad, bar.update)
         finally:
             await store.aclose()
             await state.aclose()
@@ -341,4 +373,5 @@ def ingest_command(log: Path, policy_path: Path, export: Path | None, into_store
     if export is not None:
         export.write_text(json.dumps(summary.graph.as_json(), indent=1) + "\n",
                           encoding="utf-8")
-    click.echo(summary.text(str(log)))
+    click.echo(summary.text(str(paths[0]) if len(paths) == 1 else
+                            f"{paths[0]} .. {paths[-1]} ({len(paths)} files)"))

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import click
 
@@ -53,12 +56,16 @@ def _part_or_exit(path: Path, part: Callable[[Policy], T]) -> tuple[Policy, T]:
               help="Override upstream.url of the policy.")
 @click.option("--demo", is_flag=True,
               help="Also start the built-in fake model API and forward to it.")
+@click.option("--watch-interval", default=1.0, show_default=True, metavar="SECONDS",
+              type=click.FloatRange(min=0), envvar="GUARDPROXY_WATCH_INTERVAL",
+              help="Seconds between looks at the policy and accounts files (a change "
+                   "reloads the policy); 0: reload on SIGHUP or POST /admin/reload only.")
 def serve(policy_path: Path | None, host: str, port: int, workers: int, log_level: str,
-          access_log: bool, upstream: str | None, demo: bool) -> None:
+          access_log: bool, upstream: str | None, demo: bool, watch_interval: float) -> None:
     """Run the proxy in front of the upstream named in the policy."""
     import uvicorn
 
-    from guardproxy.app import POLICY_ENV, UPSTREAM_ENV
+    from guardproxy.app import POLICY_ENV, UPSTREAM_ENV, WATCH_ENV
     from guardproxy.policy.demo import DEMO_POLICY
     from guardproxy.policy.lint import format_warning, locate, policy_warnings
     from guardproxy.policy.values import has_credentials, parse_url, redact_url
@@ -93,6 +100,17 @@ def serve(policy_path: Path | None, host: str, port: int, workers: int, log_leve
         click.echo(f"{policy_path}: state is memory:// but --workers {workers}: each worker "
                    "would count alone. Use a redis:// state or --workers 1.", err=True)
         sys.exit(2)
+    if workers > 1 and policy.audit is not None and policy.audit.path != "-" \
+            and "{pid}" not in policy.audit.path:
+        click.echo(f"{policy_path}: audit.path {policy.audit.path!r} with --workers {workers}: "
+                   "the workers would interleave one file (and break its chain). Put {pid} "
+                   "in the path (one file per worker) or use --workers 1.", err=True)
+        sys.exit(2)
+    if workers > 1 and policy.admin_listen is not None:
+        click.echo(f"{policy_path}: admin.listen needs --workers 1 (the admin API answers "
+                   "from one process's memory; each worker would need its own port). Run "
+                   "more replicas of one worker, or drop admin.listen.", err=True)
+        sys.exit(2)
     if demo:
         from guardproxy.cli.demo import start_fake_model_thread
 
@@ -102,14 +120,66 @@ def serve(policy_path: Path | None, host: str, port: int, workers: int, log_leve
         os.environ[UPSTREAM_ENV] = upstream
         policy = replace(policy, upstream=replace(policy.upstream, url=upstream))
     os.environ[POLICY_ENV] = str(policy_path.resolve())
+    os.environ[WATCH_ENV] = str(watch_interval)
+    admin = f", admin on http://{_address(policy.admin_listen)}" if policy.admin_listen else ""
     click.echo(f"guardproxy on http://{host}:{port} -> {redact_url(policy.upstream.url)} "
                f"({policy.upstream.dialect}, {len(policy.rules)} rules, "
-               f"state {redact_url(policy.state)})", err=True)
+               f"state {redact_url(policy.state)}{admin})", err=True)
     # proxy_headers=False: uvicorn would otherwise take the client address from
     # X-Forwarded-For whenever the peer is 127.0.0.1, behind clients.trusted_proxies' back
-    uvicorn.run("guardproxy.app:app_from_env", factory=True, host=host, port=port,
-                workers=workers, log_level=log_level, access_log=access_log,
-                server_header=False, date_header=False, proxy_headers=False)
+    options: dict[str, Any] = dict(factory=True, host=host, port=port, workers=workers,
+                                   log_level=log_level, access_log=access_log,
+                                   server_header=False, date_header=False,
+                                   proxy_headers=False)
+    if policy.admin_listen is not None:
+        _serve_with_admin(uvicorn.Config("guardproxy.app:app_from_env", **options),
+                          policy.admin_listen)
+    elif workers > 1:
+        with _multiprocess_metrics():
+            uvicorn.run("guardproxy.app:app_from_env", **options)
+    else:
+        uvicorn.run("guardproxy.app:app_from_env", **options)
+
+
+def _address(listen: tuple[str, int]) -> str:
+    host, port = listen
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _serve_with_admin(config: Any, listen: tuple[str, int]) -> None:
+    """One uvicorn server, one process, two listening sockets: the proxy's and the admin
+    API's. The app tells them apart by the local address a connection arrived on
+    (``ProxyApp.admin_address``); one lifespan, one signal handling, one shutdown."""
+    import uvicorn
+
+    from guardproxy.app import ADMIN_ENV
+
+    admin_config = uvicorn.Config(config.app, host=listen[0], port=listen[1],
+                                  log_level=config.log_level)
+    proxy_socket = config.bind_socket()       # logs "Uvicorn running on …" for each
+    admin_socket = admin_config.bind_socket()
+    bound = admin_socket.getsockname()
+    os.environ[ADMIN_ENV] = _address((str(bound[0]), int(bound[1])))
+    server = uvicorn.Server(config)
+    server.run(sockets=[proxy_socket, admin_socket])
+    if not server.started:   # as uvicorn.run: the app failed to start
+        sys.exit(3)
+
+
+@contextlib.contextmanager
+def _multiprocess_metrics() -> Iterator[None]:
+    """Several workers write their metrics to files in PROMETHEUS_MULTIPROC_DIR, merged
+    at each scrape: a fresh temporary one (removed at exit) unless it is set."""
+    from guardproxy.metrics import MULTIPROC_ENV, prepare_multiprocess_dir
+
+    given = os.environ.get(MULTIPROC_ENV)
+    folder = Path(given) if given else Path(tempfile.mkdtemp(prefix="guardproxy-metrics-"))
+    os.environ[MULTIPROC_ENV] = str(prepare_multiprocess_dir(folder))
+    try:
+        yield
+    finally:
+        if not given:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @click.command()

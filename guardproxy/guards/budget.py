@@ -39,6 +39,14 @@ from typing import Any
 from limits import RateLimitItem
 
 from guardproxy.exchange import Exchange
+from guardproxy.explain.verdict import (
+    RuleExplanation,
+    allowed,
+    denied,
+    resets_in,
+    skipped,
+    when_mismatch,
+)
 from guardproxy.guards import per_keys
 from guardproxy.guards.base import Outcome, Phase, RateHeaders, RuleKind, Runtime
 from guardproxy.guards.per import compile_per
@@ -216,6 +224,59 @@ class BudgetGuard:
             message=f"Token budget exhausted (rule '{self.rule.name}'): this request needs "
                     f"up to {result.amount} tokens, {max(0, min(result.remaining))} are left.",
         )
+
+    async def explain(self, exchange: Exchange) -> RuleExplanation:
+        """What ``check`` would decide, from ``store.usage`` (nothing is reserved), making
+        ``check``'s body changes (output cap, stream usage) on ``exchange``. Raises
+        ``StoreError`` when the store fails."""
+        rule, s, plan, notes = self.rule, self.settings, exchange.plan, exchange.notes
+        miss = when_mismatch(self.when, exchange)
+        if exchange.method in _READS and exchange.body is None:
+            miss = f"a {exchange.method} without a body: nothing to charge"
+        if miss is not None:
+            return skipped(rule, miss)
+        if plan.deferred:
+            return denied(rule, "a batch or background request cannot be budgeted", 400)
+        if notes.get("prompt_estimate") is None:
+            notes["prompt_estimate"] = (estimate_prompt(exchange.json, self.count)
+                                        if exchange.json is not None else 0)
+        prompt, cap = notes["prompt_estimate"], 0
+        if plan.generates:
+            if plan.inject_usage and exchange.json is not None \
+                    and not notes.get("hide_usage_chunk"):
+                self.dialect.inject_stream_usage(exchange.json)
+                exchange.body_changed = notes["hide_usage_chunk"] = True
+            cap = notes["cap"] if notes.get("cap") is not None else (
+                plan.cap if plan.cap is not None else s.default_max_tokens)
+        key, asked, copies = self.key(exchange), cap, plan.completions
+        windows = await self.store.usage(self.subject(key), s.windows)
+        left, need = min(w.remaining for w in windows), s.cost(prompt, cap * copies)
+        if left < need and s.on_exhausted == "clamp" and plan.generates \
+                and not rule.shadow and s.completion_weight > 0:
+            room = int((left - s.prompt_weight * prompt) / (s.completion_weight * copies))
+            if s.min_tokens <= room < cap and s.cost(prompt, room * copies) <= left:
+                cap, need = room, s.cost(prompt, room * copies)
+        ok = left >= need
+        if plan.generates and not rule.shadow:
+            exchange.set_cap(cap if ok else asked)
+            if ok:
+                notes["cap"] = cap
+        detail: dict[str, Any] = {"key": key, "needs": need, "cap": cap, "windows": [
+            {"limit": w.limit, "seconds": win.seconds, "used": w.used, "reserved": w.reserved,
+             "remaining": w.remaining, "reset_at": w.reset_at}
+            for win, w in zip(s.windows, windows, strict=True)]}
+        asks = f"{key}: needs up to {need} tokens (prompt ~{prompt}, output cap {cap} x {copies})"
+        if not ok:
+            short = next(i for i, w in enumerate(windows) if w.remaining < need)
+            win, state = s.windows[short], windows[short]
+            return denied(rule, f"{asks}; {max(0, state.remaining)} left in {win.limit}/"
+                          f"{win.seconds}s ({resets_in(state.reset_at, state.now)})", 429,
+                          f"{win.limit}/{win.seconds}s", **detail)
+        if cap < asked:
+            detail["clamped_from"] = asked
+            asks += f"; on_exhausted: clamp lowered the cap from {asked}"
+        return allowed(rule, f"{asks}; {left} left: would reserve it, settle with the usage",
+                       **detail)
 
 
 def build(rule: Rule, runtime: Runtime) -> BudgetGuard:

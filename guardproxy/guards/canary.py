@@ -30,6 +30,7 @@ from guardproxy.canary.marker import Marker
 from guardproxy.canary.slots import CHANNELS, RECOMMENDED
 from guardproxy.canary.stage import CanaryStage
 from guardproxy.exchange import Exchange
+from guardproxy.explain.verdict import RuleExplanation, allowed, skipped, when_mismatch
 from guardproxy.guards.base import Outcome, Phase, RuleKind, Runtime
 from guardproxy.policy.model import Rule
 from guardproxy.policy.reader import Reader
@@ -170,6 +171,26 @@ class CanaryGuard:
 
         stage = CanaryStage(self.dialect, new_marker, record, rewrite=enforce)
         return Outcome(allowed=True, rule=self.rule.name, shadow=self.rule.shadow, stage=stage)
+
+    async def explain(self, exchange: Exchange) -> RuleExplanation:
+        """Whether the response would be marked (enforce) or only recorded (shadow)."""
+        miss = when_mismatch(self.when, exchange)
+        if miss is None and exchange.account is None:
+            miss = "no account: only an account's responses are marked"
+        if miss is None and not markable(exchange):
+            miss = ("the answer must stay exact (structured output or logprobs)"
+                    if exchange.plan.generates else "not a generation endpoint")
+        if miss is not None:
+            return skipped(self.rule, miss)
+        s, ledger = self.settings, self.ledger is not None
+        kept = ", and recorded in the ledger" if ledger else ""
+        if self.rule.shadow:
+            return allowed(self.rule, f"shadow: the response would pass unchanged{kept}",
+                           key_id=self.key_id, ledger=ledger)
+        marks = ", ".join(sorted(s.marks)) + (", tripwire" if s.tripwire else "")
+        return allowed(self.rule, f"the response would be marked ({marks}; {s.rate:.0%} of "
+                       f"sites; never an error answer) with key {self.key_id}{kept}",
+                       marks=True, key_id=self.key_id, ledger=ledger)
 
 
 def build(rule: Rule, runtime: Runtime) -> CanaryGuard:

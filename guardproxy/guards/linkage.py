@@ -19,6 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from guardproxy.exchange import Exchange
+from guardproxy.explain.verdict import (
+    RuleExplanation,
+    allowed,
+    denied,
+    skipped,
+    when_mismatch,
+)
 from guardproxy.guards.base import Outcome, Phase, RuleKind, Runtime
 from guardproxy.guards.per import cluster_of
 from guardproxy.policy.model import Rule
@@ -77,6 +84,29 @@ class LinkageGuard:
         return Outcome(allowed=False, rule=self.rule.name, shadow=self.rule.shadow,
                        status=403, kind="permission", code=code, message=message,
                        window=window)
+
+    async def explain(self, exchange: Exchange) -> RuleExplanation:
+        """What ``check`` would decide on the cluster in ``exchange.notes`` (explain
+        reads it from the store; this request's own evidence is not recorded). Raises
+        ``StoreError`` when reading the cluster failed."""
+        miss = when_mismatch(self.when, exchange)
+        cluster = cluster_of(exchange) if miss is None else None
+        if miss is None and cluster is None:
+            miss = "no cluster: the request has no account"
+        if miss is not None or cluster is None:
+            return skipped(self.rule, miss or "")
+        s, found = self.settings, {"id": cluster.id, "size": cluster.size,
+                                   "linked_to_blocked": cluster.linked_to_blocked}
+        if s.max_accounts is not None:
+            size = f"the cluster has {cluster.size} account(s); at most {s.max_accounts} allowed"
+            if cluster.size > s.max_accounts:
+                return denied(self.rule, size, 403, f"max_accounts={s.max_accounts}",
+                              cluster=found)
+            return allowed(self.rule, size, cluster=found)
+        if cluster.linked_to_blocked:
+            return denied(self.rule, "an account of its cluster (or itself) is blocked", 403,
+                          "linked_to=blocked", cluster=found)
+        return allowed(self.rule, "no account of its cluster is blocked", cluster=found)
 
 
 def build(rule: Rule, runtime: Runtime) -> LinkageGuard:

@@ -48,10 +48,18 @@ from limits.errors import StorageError as LimitsStorageError
 
 from guardproxy.errors import StoreError
 from guardproxy.exchange import Exchange
+from guardproxy.explain.verdict import (
+    RuleExplanation,
+    allowed,
+    denied,
+    resets_in,
+    skipped,
+    when_mismatch,
+)
 from guardproxy.guards import per_keys
 from guardproxy.guards.base import Outcome, Phase, RateHeaders, RuleKind, Runtime
 from guardproxy.guards.per import compile_per
-from guardproxy.guards.rates import parse_rates
+from guardproxy.guards.rates import parse_rates, rate_text
 from guardproxy.policy.model import Rule
 from guardproxy.policy.reader import Reader
 
@@ -171,10 +179,34 @@ class QuotaGuard:
         return Outcome(
             allowed=False, rule=name, shadow=self.rule.shadow, rate=(rate,),
             retry_after=max(0.0, rate.reset_at - time.time()),
-            kind="rate_limit", code="rate_limit_exceeded", window=str(item),
+            kind="rate_limit", code="rate_limit_exceeded", window=rate_text(item),
             message=f"Rate limit exceeded: {item.amount} requests per "
                     f"{item.get_expiry()}s (rule '{name}'). Retry later.",
         )
+
+    async def explain(self, exchange: Exchange) -> RuleExplanation:
+        """What ``check`` would decide, from the windows as they are (nothing is hit).
+        Raises ``StoreError`` when the store fails."""
+        miss = when_mismatch(self.when, exchange)
+        if miss is not None:
+            return skipped(self.rule, miss)
+        key, windows, full = self.key(exchange), [], None
+        try:
+            for item in self.rates:
+                stats = await self.limiter.get_window_stats(item, self.rule.name, key)
+                windows.append({"rate": rate_text(item), "limit": item.amount,
+                                "seconds": item.get_expiry(), "remaining": stats.remaining,
+                                "reset_at": stats.reset_time})
+                if stats.remaining < 1 and full is None:
+                    full = (f"{rate_text(item)} is used up for {key} "
+                            f"({resets_in(stats.reset_time)})", item)
+        except LimitsStorageError as exc:
+            raise StoreError(f"quota store unavailable: {exc}") from exc
+        if full is not None:
+            return denied(self.rule, full[0], 429, rate_text(full[1]), key=key, windows=windows)
+        left = "; ".join(f"{w['remaining']} of {w['rate']} left" for w in windows)
+        return allowed(self.rule, f"{key}: {left}; this request would count 1 in each",
+                       key=key, windows=windows)
 
 
 def build(rule: Rule, runtime: Runtime) -> QuotaGuard:
