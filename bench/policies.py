@@ -7,11 +7,13 @@ schema changes; nothing else in bench/ knows the schema. Templates use ``string.
 - ``$upstream_url``  http://127.0.0.1:PORT of the fake upstream
 - ``$state``         ``memory://`` or ``redis://127.0.0.1:PORT/15``
 - ``$rules``         a whole ``rules:`` block (``rules: []`` or the default policy's rules)
+- ``$audit``         a top-level ``audit:`` section (``bench.ops``), or nothing
 - ``$tier`` / ``$key_sha256`` / ``$account`` / ``$org`` in the accounts file
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,7 @@ upstream: {url: "$upstream_url", dialect: openai}
 state: $state
 accounts: {keys: accounts.yaml}
 $rules
+$audit
 """)
 
 ACCOUNTS_TEMPLATE = Template("""\
@@ -136,10 +139,20 @@ def serve_args(policy: Path, port: int) -> list[str]:
     return [a.format(policy=policy, port=port) for a in SERVE_ARGS]
 
 
-def write_policy(directory: Path, name: str, upstream_url: str, redis_url: str | None
+def audit_section(path: Path | None, chain: bool = False) -> str:
+    """``audit: {path: …, chain: …}`` writing to ``path`` (other keys: their defaults),
+    or "" (no audit trail) when ``path`` is None."""
+    if path is None:
+        return ""
+    return f"audit: {{path: {json.dumps(str(path))}, chain: {str(chain).lower()}}}"
+
+
+def write_policy(directory: Path, name: str, upstream_url: str, redis_url: str | None,
+                 *, audit_path: Path | None = None, audit_chain: bool = False
                  ) -> tuple[Path, list[str]]:
     """Write ``<directory>/<name>/policy.yaml`` and its ``accounts.yaml``; return the policy
-    path and notes. ``redis_url`` is required for redis variants."""
+    path and notes. ``redis_url`` is required for redis variants. ``audit_path``: add an
+    audit trail to that file (``audit_chain``: with the hash chain)."""
     variant = VARIANTS[name]
     if variant.state == "redis":
         if redis_url is None:
@@ -154,5 +167,6 @@ def write_policy(directory: Path, name: str, upstream_url: str, redis_url: str |
         account=ACCOUNT, org=ORG, tier=TIER, key_sha256=payloads.key_sha256()))
     policy = folder / "policy.yaml"
     policy.write_text(POLICY_TEMPLATE.substitute(upstream_url=upstream_url, state=state,
-                                                 rules=rules.rstrip("\n")))
+                                                 rules=rules.rstrip("\n"),
+                                                 audit=audit_section(audit_path, audit_chain)))
     return policy, notes

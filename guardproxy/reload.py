@@ -183,9 +183,16 @@ class Reloader:
             seen = signature(files_before)
             try:
                 # what the watcher compares with: this content was tried, whatever comes
-                self._tried = (await asyncio.to_thread(policy_version, self.policy)).version
+                before = (await asyncio.to_thread(policy_version, self.policy)).version
+                self._tried = before
                 policy = await asyncio.to_thread(self._load)
                 digest = await asyncio.to_thread(policy_version, policy)
+                if (await asyncio.to_thread(policy_version, self.policy)).version != before:
+                    # a file was replaced while it was parsed: which bytes were read is
+                    # not known, so the next poll must load again whatever it finds
+                    raced = True
+                else:
+                    raced = False
                 self.apply(policy)   # synchronous: requests see the old or the new, whole
             except PolicyError as exc:
                 return self._failed([one_line(str(p)) for p in exc.problems], seen)
@@ -201,6 +208,8 @@ class Reloader:
             self._files, self._tried = watched_files(policy), digest.version
             # the stat taken before reading: a write after it shows on the next poll
             self._seen = seen if self._files == files_before else signature(self._files)
+            if raced:
+                self._tried, self._seen = "", seen
             self.reloads_ok += 1
             log.info("policy reloaded from %s: version %s, %d rules", self.source,
                      self.version, len(policy.rules))

@@ -31,6 +31,8 @@ CANARY_KEY = "canary_key_id"      # exchange.notes: the key that marked the resp
 LEDGER_ENTRY = "ledger_entry_id"  # exchange.notes: the ledger entry of its text
 AUDIT_INCLUDE = "audit_include"   # exchange.notes: text fields a matching rule opted in
 RESPONSE_TEXT = "response_text"   # exchange.notes: the text the client got, when asked
+MAX_MODEL = 256    # characters of a client-chosen model name a record keeps
+MAX_PATH = 2048
 BYTES_IN = "bytes_in"             # exchange.notes: the request body as the client sent it
 
 
@@ -110,13 +112,14 @@ class Trace:
         if self.status == 0 and ending is Ending.DENIED:
             ending = Ending.CANCELLED   # nothing was sent: the client went away first
         return RequestRecord(
-            time=self.arrived, request_id=ex.request_id, method=ex.method, path=ex.path,
+            time=self.arrived, request_id=ex.request_id, method=ex.method,
+            path=_capped(ex.path, MAX_PATH) or "",
             route=pipeline.dialect.endpoint(ex.path) or "other" if ex.path else "other",
             dialect=pipeline.dialect.name, status=self.status, ending=ending.value,
             account=account.id if account else None, org=account.org if account else None,
             tier=account.tier if account else None,
             cluster=cluster.id if cluster is not None else None,
-            client_ip=ex.client_ip, model=ex.model, decisions=decisions,
+            client_ip=ex.client_ip, model=_capped(ex.model, MAX_MODEL), decisions=decisions,
             tokens_reserved=max((r for r, _ in settled.values()), default=0),
             tokens_settled=max((c for _, c in settled.values()), default=0),
             upstream_seconds=upstream, ttfb_seconds=ttfb,
@@ -125,6 +128,14 @@ class Trace:
             canary_key_id=ex.notes.get(CANARY_KEY), ledger_entry_id=ex.notes.get(LEDGER_ENTRY),
             prompt=_prompt(ex) if "prompt" in include else None,
             response=ex.notes.get(RESPONSE_TEXT) if "response" in include else None)
+
+
+def _capped(text: str | None, limit: int) -> str | None:
+    """A client-chosen string as records keep it: at most ``limit`` characters (a
+    15 MB model name must not make a 15 MB audit line and rotate the history away)."""
+    if text is None or len(text) <= limit:
+        return text
+    return text[:limit] + f"…(+{len(text) - limit} characters)"
 
 
 def _prompt(ex: Exchange) -> str | None:

@@ -29,6 +29,12 @@ def rotation_order(paths: Sequence[str]) -> list[str]:
     """``paths`` with the rotations of one trail oldest first (``X.3``, ``X.2``, ``X.1``,
     ``X``); different trails keep the order in which they were first named; a path
     named twice counts once."""
+    return [p for trail in trails(paths) for p in trail]
+
+
+def trails(paths: Sequence[str]) -> list[list[str]]:
+    """``paths`` grouped by trail (a file and its ``.N`` rotations: one chain each, as
+    per-worker ``audit-{pid}.jsonl`` trails are), each oldest first."""
     groups: dict[str, list[tuple[int, str]]] = {}
     seen: set[str] = set()
     for path in paths:
@@ -39,7 +45,7 @@ def rotation_order(paths: Sequence[str]) -> list[str]:
         m = _ROTATED.fullmatch(norm)
         base, n = (m.group(1), int(m.group(2))) if m else (norm, 0)
         groups.setdefault(base, []).append((n, path))
-    return [p for items in groups.values() for _, p in sorted(items, key=lambda t: -t[0])]
+    return [[p for _, p in sorted(items, key=lambda t: -t[0])] for items in groups.values()]
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,19 +27,25 @@ def verify_command(files: tuple[Path, ...], as_given: bool) -> None:
     boundaries. Prints FILE:LINE: reason for each break and exits 1; else one OK line
     with the counts and the last line's hash (keep it elsewhere: lines cut from the end
     leave no trace in the chain)."""
-    from guardproxy.audit.verify import rotation_order, verify_chain
+    from guardproxy.audit.verify import trails, verify_chain
 
     names = [str(f) for f in files]
-    ordered = names if as_given else rotation_order(names)
+    # each trail (a file and its rotations: one per worker with {pid}) is its own chain
+    groups = [names] if as_given else trails(names)
     try:
-        report = verify_chain(ordered)
+        reports = [verify_chain(group) for group in groups]
     except OSError as exc:
         raise click.ClickException(str(exc)) from None
-    for problem in report.breaks:
-        click.echo(problem.text())
-    if report.breaks:
-        n = len(report.breaks)
-        click.echo(f"FAILED: {n} break{'' if n == 1 else 's'} in {report.lines:,} lines of "
-                   f"{report.files} file{'' if report.files == 1 else 's'}", err=True)
+    failed = False
+    for report in reports:
+        for problem in report.breaks:
+            click.echo(problem.text())
+        if report.breaks:
+            failed = True
+            n = len(report.breaks)
+            click.echo(f"FAILED: {n} break{'' if n == 1 else 's'} in {report.lines:,} lines "
+                       f"of {report.files} file{'' if report.files == 1 else 's'}", err=True)
+    if failed:
         sys.exit(1)
-    click.echo(report.text())
+    for group, report in zip(groups, reports, strict=True):
+        click.echo(report.text() if len(groups) == 1 else f"{group[-1]}: {report.text()}")

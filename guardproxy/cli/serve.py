@@ -119,7 +119,9 @@ def serve(policy_path: Path | None, host: str, port: int, workers: int, log_leve
     if upstream:
         os.environ[UPSTREAM_ENV] = upstream
         policy = replace(policy, upstream=replace(policy.upstream, url=upstream))
-    os.environ[POLICY_ENV] = str(policy_path.resolve())
+    # absolute, symlinks kept: a Kubernetes ConfigMap swaps a symlink, and the resolved
+    # file lives in a folder the kubelet deletes after the swap
+    os.environ[POLICY_ENV] = os.path.abspath(policy_path)
     os.environ[WATCH_ENV] = str(watch_interval)
     admin = f", admin on http://{_address(policy.admin_listen)}" if policy.admin_listen else ""
     click.echo(f"guardproxy on http://{host}:{port} -> {redact_url(policy.upstream.url)} "
