@@ -28,11 +28,37 @@ the rounds, its 95% confidence interval (sign test: order statistics of the roun
 differences; needs >= 6 rounds) and the min and max. p50/p99: of all samples pooled.
 Proxy CPU: the server's utime+stime over its blocks (10 ms ticks: about +-10 us/request).
 On 2 cores the servers are pinned to CPU 0, the upstream and the client to CPU 1.
-At the end it scrapes each server's ``/metrics`` and counts the audit lines written.
+At the end it scrapes each server's ``/metrics`` (each family summed over its labels; sent:
+every request of the run, warm-up and readiness probe included), stops the servers and
+counts the audit lines (``guardproxy audit verify`` on the chained one).
 
-One run (2-core VM shared with other jobs; 12 rounds x 200 requests)::
+One run (2-core VM shared with other jobs; p99 is noise), with the audit writer
+gathering lines for 20 ms per write (``audit/writer.py`` LINGER; before it, one
+thread wake-up per line cost +0.095 ms p50 for c and d)::
 
-    (filled in below by the author's run)
+    a: no audit, metrics off; b: metrics; c: audit + metrics; d: audit chain + metrics;
+    +: over a in the same round; CPU: the server's per request
+
+    | mode | cfg | p50 ms | p99 ms | +p50 ms: median [95% CI] | +p50 min .. max | CPU us | +CPU us |
+    |---|---|---|---|---|---|---|---|
+    | plain | a | 0.869 | 1.375 | — | — | 922 | — |
+    | plain | b | 0.896 | 1.542 | +0.021 [+0.017, +0.033] | -0.121 .. +0.289 | 953 | +32 |
+    | plain | c | 0.889 | 1.730 | +0.017 [+0.013, +0.022] | -0.148 .. +0.129 | 970 | +48 |
+    | plain | d | 0.898 | 1.759 | +0.027 [+0.019, +0.032] | -0.022 .. +0.061 | 970 | +48 |
+    | stream | a | 1.063 | 1.659 | — | — | 1093 | — |
+    | stream | b | 1.085 | 1.744 | +0.026 [+0.024, +0.038] | -0.162 .. +0.081 | 1117 | +23 |
+    | stream | c | 1.081 | 1.831 | +0.020 [+0.004, +0.033] | -0.130 .. +0.210 | 1140 | +47 |
+    | stream | d | 1.089 | 1.902 | +0.029 [+0.020, +0.037] | +0.007 .. +0.139 | 1152 | +58 |
+
+    | cfg | sent | requests_total | decisions_total | audit_written_total | audit_dropped_total |
+    |---|---|---|---|---|---|
+    | a | 12201 | 0 | 0 | 0 | 0 |
+    | b | 12201 | 12201 | 61005 | 0 | 0 |
+    | c | 12201 | 12201 | 61005 | 12201 | 0 |
+    | d | 12201 | 12201 | 61005 | 12201 | 0 |
+
+    - audit c: 12201 lines in 1 file(s) after shutdown
+    - audit d: 12201 lines in 1 file(s) after shutdown; verify OK: 12,201 lines in 1 file
 """
 
 from __future__ import annotations
@@ -208,13 +234,13 @@ def median_ci(values: list[float], level: float = 0.95) -> tuple[float, float] |
 
 
 def table(cells: dict[tuple[str, str], Cell], block: int) -> str:
-    rows = ["| mode | config | p50 ms | p99 ms | added p50 ms: median [95% CI] | min .. max "
-            "| proxy CPU us/req | added CPU us |",
+    rows = ["| mode | cfg | p50 ms | p99 ms | +p50 ms: median [95% CI] | +p50 min .. max "
+            "| CPU us | +CPU us |",
             "|---|---|---|---|---|---|---|---|"]
     for mode in MODES:
         base = cells[(BASE, mode)]
         base_cpu = base.cpu_s / max(1, len(base.blocks) * block) * 1e6
-        for name, setup in SETUPS.items():
+        for name in SETUPS:
             cell = cells[(name, mode)]
             everything = cell.all()
             cpu = cell.cpu_s / max(1, len(cell.blocks) * block) * 1e6
@@ -229,7 +255,7 @@ def table(cells: dict[tuple[str, str], Cell], block: int) -> str:
                 added = f"{statistics.median(deltas):+.3f}{bounds}"
                 spread = f"{min(deltas):+.3f} .. {max(deltas):+.3f}"
                 added_cpu = f"{cpu - base_cpu:+.0f}"
-            rows.append(f"| {mode} | {name}: {setup.label} | {p50:.3f} | {p99:.3f} | {added} "
+            rows.append(f"| {mode} | {name} | {p50:.3f} | {p99:.3f} | {added} "
                         f"| {spread} | {cpu:.0f} | {added_cpu} |")
     return "\n".join(rows)
 
@@ -262,11 +288,7 @@ def audit_files(path: Path) -> list[Path]:
 
 
 def count_lines(path: Path) -> int:
-    total = 0
-    for f in audit_files(path):
-        with f.open("rb") as handle:
-            total += sum(1 for _ in handle)
-    return total
+    return sum(f.read_bytes().count(b"\n") for f in audit_files(path))
 
 
 def verify(path: Path, env: dict[str, str]) -> str:
@@ -331,9 +353,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"\n{args.rounds} rounds x {args.block} requests per cell, concurrency 1, "
                   f"real servers (uvicorn), {VARIANT}, memory://; "
                   f"{pinning.describe()}\n")
+            print(" ".join(f"{name}: {setup.label};" for name, setup in SETUPS.items()))
+            print(f"+: over {BASE} in the same round; CPU: the server's per request\n")
             print(table(cells, args.block))
-            print("\n| config | requests sent | /metrics requests_total | decisions_total "
-                  "| audit_written_total | audit_dropped_total |\n|---|---|---|---|---|---|")
+            print("\n| cfg | sent | requests_total | decisions_total | audit_written_total "
+                  "| audit_dropped_total |\n|---|---|---|---|---|---|")
             for name in SETUPS:
                 sent = 1 + sum(clients[(name, m)].sent for m in MODES)  # +1: readiness probe
                 m = scrape(ports[name])

@@ -50,7 +50,8 @@ class Decision:
 @dataclass(frozen=True, slots=True)
 class RequestRecord:
     """Everything known about one guarded request once it is over; times are unix
-    seconds, durations seconds (None: never reached), sizes bytes.
+    seconds (``time``: when it ended, ``duration_seconds`` after it arrived), durations
+    seconds (None: never reached), sizes bytes.
 
     ``status``: what the client was sent (0: nothing, it went away first); ``ending``:
     ``response.events.Ending`` value (``completed``, ``denied``, ``upstream_failed``,

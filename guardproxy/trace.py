@@ -8,7 +8,7 @@ turned into the ``observe.RequestRecord`` every observer's ``completed`` gets.
     observer.completed(trace.record(pipeline))
 
 Times come from ``time.perf_counter`` (durations) and ``time.time`` (the record's
-``time``: when the request arrived).
+``time``: when the request ended).
 """
 
 from __future__ import annotations
@@ -112,7 +112,9 @@ class Trace:
         if self.status == 0 and ending is Ending.DENIED:
             ending = Ending.CANCELLED   # nothing was sent: the client went away first
         return RequestRecord(
-            time=self.arrived, request_id=ex.request_id, method=ex.method,
+            # when it ended, as access logs stamp a line: the trail is then in time
+            # order (lines are written as requests end); it arrived duration earlier
+            time=time.time(), request_id=ex.request_id, method=ex.method,
             path=_capped(ex.path, MAX_PATH) or "",
             route=pipeline.dialect.endpoint(ex.path) or "other" if ex.path else "other",
             dialect=pipeline.dialect.name, status=self.status, ending=ending.value,

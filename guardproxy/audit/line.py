@@ -12,7 +12,9 @@
 
 Every key above is on every line (null: unknown or not applicable); ``prompt`` and
 ``response`` are added only when the record carries them (a rule opted in), ``prev``
-only with ``chain: true``. ``time`` is when the request arrived (unix seconds);
+only with ``chain: true``. ``time`` is when the request ended (unix seconds; it
+arrived ``duration_seconds`` earlier: access logs stamp lines so, and the trail is then
+in time order);
 ``*_seconds`` are seconds; ``bytes_*`` bytes; ``ip`` is the client address as the proxy
 resolved it (``clients.trusted_proxies``), named as ``guardproxy ingest`` reads it.
 Lines are ASCII (``\\uXXXX`` escapes), compact, with no newline inside.
