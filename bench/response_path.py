@@ -40,9 +40,10 @@ from guardproxy.response.driver import ResponseDriver
 from guardproxy.response.events import Ending, ResponseStage
 from guardproxy.response.usage import Usage, UsageMeter
 
-_WORDS = ("it is often simple to choose a large useful plan and then gradually improve "
+_PROSE = ("it is often simple to choose a large useful plan and then gradually improve "
           "the result because we don't know what will happen next so the team can't "
-          "wait very long before they begin working on something quite different").split()
+          "wait very long before they begin working on something quite different")
+_WORDS = tuple(_PROSE.split())
 _SSE = [(b"content-type", b"text/event-stream; charset=utf-8")]
 _JSON = [(b"content-type", b"application/json")]
 MAX_EVENT = 4 << 20

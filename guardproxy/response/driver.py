@@ -132,13 +132,19 @@ class ResponseDriver:
             elif tail:
                 events.append(SSEEvent(tail))  # stray line breaks: passed as they came
         out = []
+        stages = list(self.active)  # taken again only when a stage fails
         for event in events:
-            for stage in list(self.active):
+            for stage in stages:
                 if event.dropped:
                     break
                 out_before, before = event.out, event.before
-                if not self._call(stage, stage.event, event)[0]:
+                try:
+                    stage.event(event)
+                except Exception:
+                    self._failed(stage)
                     event.restore(out_before, before)
+            if len(stages) != len(self.active):
+                stages = list(self.active)
             out.append(event.output())
         if final:
             extras = []
@@ -159,11 +165,15 @@ class ResponseDriver:
         try:
             return True, method(*args)
         except Exception:
-            log.exception("response stage %s failed; the rest of the response passes "
-                          "without it", type(stage).__name__)
-            if stage in self.active:
-                self.active.remove(stage)
+            self._failed(stage)
             return False, None
+
+    def _failed(self, stage: ResponseStage) -> None:
+        """Log a stage that raised (from inside ``except``) and leave it out from now on."""
+        log.exception("response stage %s failed; the rest of the response passes "
+                      "without it", type(stage).__name__)
+        if stage in self.active:
+            self.active.remove(stage)
 
     async def finish(self, ending: Ending) -> None:
         for stage in self.stages:
