@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -54,6 +55,7 @@ class Admission:
     commits: list[tuple[Guard, Callable[[], Awaitable[Outcome | None]]]] = field(
         default_factory=list)
     decisions: list[Outcome] = field(default_factory=list)   # every rule that decided
+    seconds: dict[str, float] = field(default_factory=dict)   # rule -> time in its calls
 
     def add_rates(self, outcome: Outcome) -> None:
         # Report the tightest window per resource, as the SDKs expect one value each.
@@ -130,6 +132,7 @@ class Pipeline:
                    admission: Admission) -> Outcome | None:
         """One guard call; a store error denies (503) or, with on_store_error: allow,
         lets the rule pass."""
+        started = time.perf_counter()
         try:
             return await call
         except StoreError as exc:
@@ -138,6 +141,10 @@ class Pipeline:
                 await self.release(admission, Ending.DENIED)
                 raise
             return None
+        finally:   # a rule's state-store latency, on Redis (check and deferred commit)
+            name = guard.rule.name
+            admission.seconds[name] = admission.seconds.get(name, 0.0) + \
+                time.perf_counter() - started
 
     def _denied(self, exchange: Exchange, outcome: Outcome) -> bool:
         if outcome.allowed:

@@ -36,6 +36,7 @@ class Decision:
     window: str = ""
     reserved: int | None = None
     charged: int | None = None
+    seconds: float | None = None   # time in the rule's calls: its state-store round trips
 
     def as_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"rule": self.rule, "mode": self.mode, "allowed": self.allowed}
@@ -44,6 +45,8 @@ class Decision:
         if self.reserved is not None:
             out["reserved"] = self.reserved
             out["charged"] = self.charged
+        if self.seconds is not None:
+            out["seconds"] = round(self.seconds, 6)
         return out
 
 

@@ -90,9 +90,11 @@ class Trace:
         admission = admission or self.admission
         account = ex.account
         settled: dict[str, tuple[int, int]] = ex.notes.get(SETTLED, {})
+        timed = admission.seconds if admission is not None else {}
         decisions = tuple(
             Decision(o.rule, "shadow" if o.shadow else "enforce", o.allowed, o.window,
-                     *(settled.get(o.rule, (None, None))))
+                     reserved=settled.get(o.rule, (None, None))[0],
+                     charged=settled.get(o.rule, (None, None))[1], seconds=timed.get(o.rule))
             for o in (admission.decisions if admission is not None else ()))
         cluster = ex.notes.get(CLUSTER)
         include: frozenset[str] = ex.notes.get(AUDIT_INCLUDE, frozenset())

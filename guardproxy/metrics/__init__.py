@@ -42,8 +42,9 @@ Families (labels; counters end in ``_total``, durations in seconds):
 
 No label takes an account, key, IP or model: rule, tier, route and dialect come from
 the policy and the dialect, status from HTTP, so cardinality is bounded by the policy.
-State-store latency is not measured: it needs a timing hook inside the stores
-(``state/``), which this package does not touch; the errors are counted.
+State-store latency: ``guardproxy_rule_seconds{rule}``, the time each rule's calls took
+deciding a request (``flow.Pipeline`` times them; on Redis, the rule's round trips). The
+linkage enricher's store call and the settles after the response are not timed yet.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ M = TypeVar("M", Counter, Gauge, Histogram)
 # LLM calls run from tens of milliseconds (a cached refusal) to minutes (long streams)
 UPSTREAM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 TTFB_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+RULE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
 
 # the audit trail's counters (attribute -> family); the writer's log names the first
 AUDIT_FAMILIES: dict[str, tuple[str, str]] = {
@@ -115,6 +116,10 @@ class Metrics:
             "guardproxy_ttfb_seconds", "From forwarding upstream to the first body byte "
             "sent to the client (time to first token, when streaming).",
             ("dialect", "route"), buckets=TTFB_BUCKETS, registry=r))
+        self.rule_seconds = Family(Histogram(
+            "guardproxy_rule_seconds", "Time a rule's calls took deciding a request (its "
+            "state-store round trips: reads, reservations, deferred hits).",
+            ("rule",), buckets=RULE_BUCKETS, registry=r))
         self.store_errors = Family(Counter(
             "guardproxy_store_errors_total", "State-store calls that failed, per rule.",
             ("rule",), registry=r))

@@ -108,6 +108,8 @@ class MetricsObserver:
         m.requests.get(str(record.status), dialect, route, record.ending).inc()
         for d in record.decisions:
             m.decisions.get(d.rule, d.mode, "allowed" if d.allowed else "denied").inc()
+            if d.seconds is not None:
+                m.rule_seconds.get(d.rule).observe(d.seconds)
         if record.tokens_reserved or record.tokens_settled:
             tier = record.tier or "none"
             if record.tokens_reserved > 0:
