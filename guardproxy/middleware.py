@@ -166,7 +166,12 @@ class GuardMiddleware:
                 await self._guarded(pipeline, scope, receive, trace.wrap(send), exchange,
                                     trace, peer, raw_path)
         finally:
-            pipeline.observer.completed(trace.record(pipeline))
+            try:
+                record = trace.record(pipeline)
+            except Exception:   # a bug here must not turn an answered request into a 500
+                log.exception("recording request %s failed", exchange.request_id)
+            else:
+                pipeline.observer.completed(record)
 
     async def _guarded(self, pipeline: Pipeline, scope: Scope, receive: Receive, send: Send,
                        exchange: Exchange, trace: Trace, peer: str, raw_path: bytes) -> None:

@@ -24,7 +24,7 @@ def test_an_account_shows_at_most_its_cap_of_new_values_per_signal() -> None:
     cap = settings.max_values_per_account
     for i in range(cap + 10):
         graph.record("sprayer", [Evidence("header:x-device-id", f"d{i}")], T0 + i * 0.01)
-    assert graph.stats()["values"] == cap and graph.sprays == 10
+    assert graph.stats()["values"] == cap and graph.shown.sprays == 10
     # values it already holds still count; other signals have their own cap
     for other in ("b", "c"):
         graph.record(other, [Evidence("header:x-device-id", "d0"), Evidence("ip:exact", "x")],

@@ -66,7 +66,7 @@ from guardproxy.guards.budget import BudgetGuard
 from guardproxy.guards.per import CLUSTER
 from guardproxy.guards.quota import QuotaGuard
 from guardproxy.linkage.api import Cluster, LinkageStore
-from guardproxy.linkage.graph import log_event
+from guardproxy.linkage.events import log_event
 from guardproxy.linkage.memory import MemoryLinkageStore
 from guardproxy.linkage.redis import RedisLinkageStore
 from guardproxy.state.budgets import BudgetStore, Carry

@@ -47,8 +47,8 @@ from guardproxy.guards.per import CLUSTER, CLUSTER_ERROR
 from guardproxy.linkage.api import LinkageStore
 from guardproxy.linkage.carry import MergeFeed
 from guardproxy.linkage.cohort import CoHeld
+from guardproxy.linkage.events import Event, log_event
 from guardproxy.linkage.evidence import observe
-from guardproxy.linkage.graph import Event, log_event
 from guardproxy.linkage.settings import LinkageSettings
 from guardproxy.linkage.similarity import PairFinder
 from guardproxy.policy.model import Policy

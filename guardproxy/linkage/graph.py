@@ -43,10 +43,8 @@ only the digests ``evidence.observe`` made.
 
 from __future__ import annotations
 
-import json
-import logging
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Any
@@ -62,28 +60,16 @@ from guardproxy.linkage.api import (
     merged,
 )
 from guardproxy.linkage.clusters import Clusters
+from guardproxy.linkage.events import Event
 from guardproxy.linkage.settings import ORG, LinkageSettings, SignalSpec
+from guardproxy.linkage.shown import Shown
 
 HOT_COUNT_CAP = 64        # hot values report their account count up to at least this
 MAX_VALUES = 250_000     # ~1.5 KB each with their pairs (measured): ~400 MB at most
 MAX_DIRECT = 250_000
 EPS = 1e-9
 
-Event = Callable[[str, dict[str, Any]], None]   # ("link" | "merge" | "hot", fields)
 Key = tuple[str, str]                           # (signal, digest) or an ordered pair
-EVENT_NAMES = {"link": "link_made", "merge": "cluster_merged", "hot": "hot_value"}
-
-log = logging.getLogger("guardproxy.linkage")
-
-
-def log_event(kind: str, fields: dict[str, Any]) -> None:
-    """An ``on_event`` that logs each cluster decision as one JSON line at INFO on
-    ``guardproxy.linkage``: ``{"event": "link_made", "a", "b", "weight", "signals",
-    "time"}``, ``{"event": "cluster_merged", "cluster", "absorbed", "size"}`` (``absorbed``:
-    the id that disappeared into ``cluster``), ``{"event":
-    "hot_value", "signal", "digest", "accounts"}`` (digests only, never raw values)."""
-    if log.isEnabledFor(logging.INFO):
-        log.info(json.dumps({"event": EVENT_NAMES.get(kind, kind), **fields}, sort_keys=True))
 
 
 def pair_key(a: str, b: str) -> Key:
@@ -124,9 +110,7 @@ class LinkGraph:
         # values with at most one live holder, least recently seen first: evicted before
         # any shared value (a flood of one account's junk values cannot push out evidence)
         self.single: OrderedDict[Key, None] = OrderedDict()
-        # (account, signal) -> digest -> first seen: the account's new values in the window
-        self.shown: OrderedDict[Key, dict[str, float]] = OrderedDict()
-        self.sprays = 0   # new values not recorded: the account's cap was reached
+        self.shown = Shown(settings.max_values_per_account, settings.window, max_values)
         self.pairs: dict[Key, _Pair] = {}
         self.direct: OrderedDict[tuple[str, str, str], None] = OrderedDict()  # LRU order
         self.adjacent: dict[str, set[str]] = {}
@@ -185,7 +169,7 @@ class LinkGraph:
             if key in self.single:
                 self.single.move_to_end(key)
             return
-        if spec is not None and not self._admit(account, signal, digest, now):
+        if spec is not None and not self.shown.admit(account, signal, digest, now):
             return
         if value is None:
             while len(self.values) >= self.max_values:
@@ -226,30 +210,6 @@ class LinkGraph:
             return
         for other in members:
             self._share(account, other, signal, digest, now)
-
-    def _admit(self, account: str, signal: str, digest: str, now: float) -> bool:
-        """Whether the account may show a value of ``signal`` new to it: at most
-        ``max_values_per_account`` first shown within the window (counted, else)."""
-        key = (account, signal)
-        shown = self.shown.get(key)
-        if shown is None:
-            shown = self.shown[key] = {}
-            while len(self.shown) > self.max_values:
-                self.shown.popitem(last=False)
-        else:
-            self.shown.move_to_end(key)
-        if digest in shown:
-            return True
-        cap = self.settings.max_values_per_account
-        if len(shown) >= cap:
-            horizon = now - self.settings.window
-            for old in [d for d, first in shown.items() if first < horizon]:
-                del shown[old]
-            if len(shown) >= cap:
-                self.sprays += 1
-                return False
-        shown[digest] = now
-        return True
 
     def _single(self, key: Key, seen: dict[str, tuple[float, float]]) -> None:
         if len(seen) <= 1:

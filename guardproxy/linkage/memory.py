@@ -16,7 +16,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from guardproxy.linkage.api import Cluster, Evidence, Graph, Link, PairEvidence
-from guardproxy.linkage.graph import LinkGraph, log_event
+from guardproxy.linkage.events import log_event
+from guardproxy.linkage.graph import LinkGraph
 from guardproxy.linkage.settings import LinkageSettings
 
 

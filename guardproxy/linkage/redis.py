@@ -44,7 +44,7 @@ from guardproxy.linkage.api import (
     PairEvidence,
     merged,
 )
-from guardproxy.linkage.graph import log_event
+from guardproxy.linkage.events import log_event
 from guardproxy.linkage.settings import ORG, LinkageSettings
 
 Event = Callable[[str, dict[str, Any]], None]
