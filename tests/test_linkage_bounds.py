@@ -93,3 +93,20 @@ def test_max_values_per_account_is_a_policy_key(tmp_path: Path) -> None:
         "  signals:", "  max_values_per_account: 8\n  signals:")
     policy = load_policy(write_policy(tmp_path, text), {})
     assert policy.linkage is not None and policy.linkage.max_values_per_account == 8
+
+
+def test_a_sprayer_cannot_flush_the_cohorts_crowds() -> None:
+    # the co-held judgement keeps its own bounded table of holders: one account cycling
+    # junk device ids must not evict a hydra's card and device from it
+    from guardproxy.linkage.cohort import CoHeld
+
+    settings = make_settings((spec("attribute:payment", 1.0, 5),
+                              spec("header:x-device-id", 0.6, 5)), window=10_000.0)
+    cohort = CoHeld(settings, max_values=200)
+    crowd = [Evidence("attribute:payment", "card"), Evidence("header:x-device-id", "dev")]
+    for i in range(6):
+        cohort.add(f"h{i}", crowd, T0 + i)
+    for i in range(5000):
+        cohort.add("sprayer", [Evidence("header:x-device-id", f"junk{i}")], T0 + 10)
+    found = cohort.add("h6", crowd, T0 + 20)
+    assert {(p.a, p.b) for p in found} >= {(f"h{i}", "h6") for i in range(6)}

@@ -37,7 +37,10 @@ or a value of the request has just turned hot, so each account is compared once 
 change (cost: a few Jaccard products of at most ``HOLDERS`` accounts).
 
 Memory: at most ``max_values`` values (least recently seen evicted first), each with
-at most ``max(fanout + 1, HOLDERS)`` holders; deterministic (insertion order).
+at most ``max(fanout + 1, HOLDERS)`` holders; an account adds at most
+``max_values_per_account`` new values per signal within the window (``shown``), so one
+account spraying junk values cannot push the others out. Deterministic (insertion
+order).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from collections.abc import Iterable
 
 from guardproxy.linkage.api import Evidence, PairEvidence
 from guardproxy.linkage.settings import LinkageSettings, SignalSpec
+from guardproxy.linkage.shown import Shown
 
 HOLDERS = 64          # as the link graph's HOT_COUNT_CAP: hot values keep this many
 CO_HELD = 0.5         # Jaccard similarity of two values' holders: "mostly the same"
@@ -67,6 +71,8 @@ class CoHeld:
         self.max_values = max_values
         # value -> holder -> last seen; least recently seen first
         self.values: OrderedDict[Key, OrderedDict[str, float]] = OrderedDict()
+        # the graph's cap on new values per account: a sprayer cannot flush these either
+        self.shown = Shown(settings.max_values_per_account, settings.window, max_values)
 
     @property
     def enabled(self) -> bool:
@@ -78,7 +84,7 @@ class CoHeld:
         changed = False
         for ev in evidence:
             spec = self.specs.get(ev.signal)
-            if spec is None:
+            if spec is None or not self.shown.admit(account, ev.signal, ev.digest, now):
                 continue
             key = (ev.signal, ev.digest)
             seen[key] = spec
