@@ -32,7 +32,7 @@ from guardproxy.observe import LogObserver, Observer, Observers
 from guardproxy.policy.model import Policy
 from guardproxy.response.driver import ResponseDriver
 from guardproxy.response.events import Ending, ResponseStage
-from guardproxy.response.usage import Lease, Usage, UsageMeter
+from guardproxy.response.usage import Lease, Usage, UsageMeter, close_leases
 from guardproxy.state import State
 from guardproxy.trace import AUDIT_INCLUDE
 
@@ -155,8 +155,8 @@ class Pipeline:
     @staticmethod
     async def release(admission: Admission, ending: Ending) -> None:
         """Give back what the guards that already ran hold (a later one denied)."""
-        for lease in admission.leases:
-            await lease.close(Usage(0, 0, reported=False), ending, 0)
+        # one store call for all of them (budgets settle together: issue 12)
+        await close_leases(admission.leases, Usage(0, 0, reported=False), ending, 0)
         for stage in admission.stages:
             await stage.finish(ending)
         admission.leases.clear()

@@ -22,7 +22,9 @@ lease is renewed; after it, the reservation is settled with the reported usage:
   upper bound);
 - nothing was generated (denied, cancelled before the response, upstream failed, an
   error answer without usage): nothing.
-A settle that fails is retried from a bounded queue (``state.settles``).
+All of a request's budget leases settle in one store call (on Redis Cluster one per
+hash slot, concurrently); a settle that fails is retried from a bounded queue
+(``state.settles``), lease by lease.
 
 ``per: cluster``: when two linked clusters merge, the tokens used under the id that
 disappears (current windows) are added to the surviving id's, off the request path
@@ -31,8 +33,10 @@ disappears (current windows) are added to the surviving id's, off the request pa
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,10 +58,12 @@ from guardproxy.guards.rates import parse_rates
 from guardproxy.policy.model import Rule
 from guardproxy.policy.reader import Reader
 from guardproxy.response.events import Ending
-from guardproxy.response.usage import Usage
+from guardproxy.response.usage import Lease, Usage
 from guardproxy.state.budgets import Reservation, Window
+from guardproxy.state.retry import PendingSettle
 from guardproxy.tokens import estimate_prompt, estimate_text
 
+log = logging.getLogger("guardproxy.budget")
 SETTLED = "settled"   # exchange.notes: rule -> (reserved, charged) tokens
 _READS = frozenset({"GET", "HEAD", "OPTIONS"})  # without a body: nothing to charge
 _COUNTS = {"total": (1.0, 1.0), "prompt": (1.0, 0.0), "completion": (0.0, 1.0)}
@@ -116,21 +122,40 @@ class BudgetLease:
     async def renew(self) -> None:
         await self.guard.store.renew(self.subject, self.lease_id, self.guard.ttl)
 
-    async def close(self, usage: Usage, ending: Ending, status: int) -> None:
+    def charge(self, usage: Usage, ending: Ending, status: int) -> int:
+        """The tokens to settle this lease with, given how the response ended."""
         cost = self.guard.settings.cost
         if ending in (Ending.DENIED, Ending.CANCELLED, Ending.UPSTREAM_FAILED):
-            actual = 0
-        elif ending is Ending.DISCONNECTED:
-            actual = max(self.amount, cost(usage.prompt, usage.completion))
-        elif status >= 400 and not usage.reported:
-            actual = 0  # an error answer generated nothing
-        else:
-            actual = cost(usage.prompt, usage.completion)
-        guard = self.guard
-        await guard.settles.settle(guard.store, self.subject, self.lease_id, actual)
-        # for the request's record (audit, metrics): what each budget rule held and charged
-        self.exchange.notes.setdefault(SETTLED, {})[guard.rule.name] = (self.amount, actual)
-        guard.observer.settled(self.exchange, guard.rule.name, self.amount, actual, ending)
+            return 0
+        if ending is Ending.DISCONNECTED:
+            return max(self.amount, cost(usage.prompt, usage.completion))
+        if status >= 400 and not usage.reported:
+            return 0  # an error answer generated nothing
+        return cost(usage.prompt, usage.completion)
+
+    async def close(self, usage: Usage, ending: Ending, status: int) -> None:
+        await self.close_all([self], usage, ending, status)
+
+    async def close_all(self, leases: Sequence[Lease], usage: Usage, ending: Ending,
+                        status: int) -> None:
+        """Settle ``leases`` (budget leases, this one among them: one request's) in one
+        store call (``SettleRetry.settle_many``), then tell each rule's observer."""
+        own = [lease for lease in leases if isinstance(lease, BudgetLease)]
+        charges = [lease.charge(usage, ending, status) for lease in own]
+        await self.guard.settles.settle_many(
+            [PendingSettle(lease.guard.store, lease.subject, lease.lease_id, actual)
+             for lease, actual in zip(own, charges, strict=True)])
+        for lease, actual in zip(own, charges, strict=True):
+            guard = lease.guard
+            try:
+                # for the request's record (audit, metrics): what each rule held and charged
+                lease.exchange.notes.setdefault(SETTLED, {})[guard.rule.name] = (
+                    lease.amount, actual)
+                guard.observer.settled(lease.exchange, guard.rule.name, lease.amount, actual,
+                                       ending)
+            except Exception:  # one rule's observer must not keep the others uninformed
+                log.exception("recording the settle of budget rule %s failed",
+                              guard.rule.name)
 
 
 class BudgetGuard:

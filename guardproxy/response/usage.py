@@ -15,10 +15,12 @@ never by its byte size.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from guardproxy.response.events import (
     BaseStage,
@@ -88,6 +90,35 @@ class Lease(Protocol):
     async def close(self, usage: Usage, ending: Ending, status: int) -> None: ...
 
 
+@runtime_checkable
+class GroupLease(Lease, Protocol):
+    """A lease that can close together with others of its type (budget leases: one
+    store call for all of a request's)."""
+
+    async def close_all(self, leases: Sequence[Lease], usage: Usage, ending: Ending,
+                        status: int) -> None:
+        """Close ``leases`` (of this lease's type, this one among them) as ``close``
+        closes one."""
+
+
+async def close_leases(leases: Sequence[Lease], usage: Usage, ending: Ending,
+                       status: int) -> None:
+    """Close a request's leases: those of one ``GroupLease`` type together, the others
+    one by one. One that fails is logged and does not keep the others from settling."""
+    groups: dict[type, list[Lease]] = {}
+    for lease in leases:
+        groups.setdefault(type(lease), []).append(lease)
+    for group in groups.values():
+        head = group[0]
+        closes = ([functools.partial(head.close_all, group)] if isinstance(head, GroupLease)
+                  else [lease.close for lease in group])
+        for close in closes:
+            try:
+                await close(usage, ending, status)
+            except Exception:  # one failing store must not keep others from settling
+                log.exception("settling budget leases failed")
+
+
 class UsageMeter(BaseStage):
     def __init__(self, dialect: Dialect, leases: list[Lease], prompt_estimate: int,
                  hide_usage_chunk: bool, reserved_output: int) -> None:
@@ -148,8 +179,4 @@ class UsageMeter(BaseStage):
     async def finish(self, ending: Ending) -> None:
         usage = self.usage() if self.head is not None else Usage(0, 0, False)
         status = self.head.status if self.head is not None else 0
-        for lease in self.leases:
-            try:
-                await lease.close(usage, ending, status)
-            except Exception:  # one failing store must not keep others from settling
-                log.exception("settling a budget lease failed")
+        await close_leases(self.leases, usage, ending, status)

@@ -23,6 +23,7 @@ remembers how much it took from each source, so a repeated report adds only grow
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import time
 from abc import ABC, abstractmethod
@@ -32,6 +33,7 @@ from importlib import resources
 from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
 from redis.exceptions import RedisError
 
 from guardproxy.errors import StoreError
@@ -83,6 +85,15 @@ class Reservation:
     now: float = field(default_factory=time.time)  # the store's clock at the reservation
 
 
+@dataclass(frozen=True, slots=True)
+class Settle:
+    """One lease to settle: ``actual`` tokens charged (0 releases it)."""
+
+    subject: str
+    lease_id: str
+    actual: int
+
+
 class BudgetStore(ABC):
     @abstractmethod
     async def reserve(self, subject: str, windows: tuple[Window, ...], amount: int,
@@ -91,6 +102,12 @@ class BudgetStore(ABC):
     @abstractmethod
     async def settle(self, subject: str, lease_id: str, actual: int) -> bool:
         """Charge ``actual`` tokens and drop the reservation; False if already settled."""
+
+    async def settle_many(self, items: Sequence[Settle]) -> list[bool]:
+        """``settle`` each item, in order: per item, True if this call charged it. Raises
+        ``StoreError`` if any part failed; then some items may have landed, and settling
+        them again (idempotent) charges nothing more. This default loops (memory)."""
+        return [await self.settle(i.subject, i.lease_id, i.actual) for i in items]
 
     @abstractmethod
     async def renew(self, subject: str, lease_id: str, ttl: float) -> bool:
@@ -251,7 +268,9 @@ class RedisBudgetStore(BudgetStore):
         self._reserve = client.register_script(_script("lease_common.lua",
                                                        "budget_reserve.lua"))
         self._usage = client.register_script(_script("lease_common.lua", "budget_usage.lua"))
-        self._settle = client.register_script(_script("budget_settle.lua"))
+        self._settle = client.register_script(_script("lease_common.lua", "budget_settle.lua"))
+        self._settle_many = client.register_script(_script("lease_common.lua",
+                                                           "budget_settle_many.lua"))
         self._renew = client.register_script(_script("lease_renew.lua"))
         self._carry = client.register_script(_script("lease_common.lua", "budget_carry.lua"))
         self.new_lease_id = IdSource()
@@ -286,6 +305,35 @@ class RedisBudgetStore(BudgetStore):
 
     async def settle(self, subject: str, lease_id: str, actual: int) -> bool:
         return bool(await self._call(self._settle, self._keys(subject), [lease_id, actual]))
+
+    async def settle_many(self, items: Sequence[Settle]) -> list[bool]:
+        """One script call for all of ``items``; on Redis Cluster one per hash slot the
+        subjects fall in, sent concurrently (a failed slot raises after all have run)."""
+        if not items:
+            return []
+        groups: dict[int, list[int]] = {}   # slot -> indexes into items
+        cluster = isinstance(self.client, RedisCluster)
+        for n, item in enumerate(items):
+            slot = key_slot(self._tag(item.subject).encode()) if cluster else 0
+            groups.setdefault(slot, []).append(n)
+        parts = list(groups.values())
+        replies = await asyncio.gather(*(self._settle_part([items[n] for n in part])
+                                         for part in parts), return_exceptions=True)
+        out = [False] * len(items)
+        for part, reply in zip(parts, replies, strict=True):
+            if isinstance(reply, BaseException):
+                raise reply
+            for n, charged in zip(part, reply, strict=True):
+                out[n] = charged
+        return out
+
+    async def _settle_part(self, items: list[Settle]) -> list[bool]:
+        keys: list[str] = []
+        args: list[Any] = []
+        for item in items:
+            keys += self._keys(item.subject)
+            args += [item.lease_id, item.actual]
+        return [bool(x) for x in await self._call(self._settle_many, keys, args)]
 
     async def renew(self, subject: str, lease_id: str, ttl: float) -> bool:
         return bool(await self._call(self._renew, self._keys(subject),

@@ -2,6 +2,7 @@
 
     settles = SettleRetry()
     await settles.settle(store, subject, lease_id, actual)   # tries once; on StoreError queues
+    await settles.settle_many([PendingSettle(store, subject, lease_id, actual), ...])
     ...
     await settles.aclose()                                    # stops the retry task
 
@@ -27,10 +28,11 @@ import contextlib
 import logging
 import random
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from guardproxy.errors import StoreError
-from guardproxy.state.budgets import BudgetStore
+from guardproxy.state.budgets import BudgetStore, Settle
 
 log = logging.getLogger("guardproxy.state")
 
@@ -80,6 +82,29 @@ class SettleRetry:
         except StoreError as exc:
             self._enqueue(PendingSettle(store, subject, lease_id, actual), exc)
             return None
+
+    async def settle_many(self, entries: Sequence[PendingSettle]) -> list[bool | None]:
+        """Settle all of ``entries`` now, in one ``settle_many`` call per store (one
+        request's leases: one round trip). Per entry as ``settle``: True, False, or None
+        if its store failed; then each of that store's entries is queued on its own
+        (retrying one that did land charges nothing: settles are idempotent)."""
+        groups: dict[int, list[int]] = {}   # id(store) -> indexes into entries
+        for n, entry in enumerate(entries):
+            groups.setdefault(id(entry.store), []).append(n)
+        out: list[bool | None] = [None] * len(entries)
+        for part in groups.values():
+            store = entries[part[0]].store
+            try:
+                charged = await store.settle_many(
+                    [Settle(entries[n].subject, entries[n].lease_id, entries[n].actual)
+                     for n in part])
+            except StoreError as exc:
+                for n in part:
+                    self._enqueue(entries[n], exc)
+                continue
+            for n, result in zip(part, charged, strict=True):
+                out[n] = result
+        return out
 
     def _enqueue(self, entry: PendingSettle, exc: Exception) -> None:
         if self._closed:

@@ -1,4 +1,4 @@
--- Shared by budget_reserve.lua and budget_usage.lua: budgets.py prepends this file.
+-- Shared by the budget scripts (budget_*.lua): budgets.py prepends this file.
 -- Every time here comes from the store's own clock (TIME), never from a replica's: two
 -- replicas whose clocks disagree still count into the same windows and never reclaim
 -- each other's live leases. Redis >= 5 replicates script effects, so TIME is allowed
@@ -43,3 +43,23 @@ local function window_at(prefix, seconds, now)
   return prefix .. ':' .. string.format('%d', index), (index + 1) * seconds
 end
 
+
+-- Settle (or release, with actual = 0) one lease, idempotently: the lease record is
+-- deleted, so a second settle finds nothing and charges nothing. Reads no clock.
+-- leases, deadlines: the subject's leases hash and lease deadlines zset.
+-- Returns 1 if this call charged the lease, 0 if it was already settled or unknown.
+local function settle_lease(leases, deadlines, id, actual)
+  local rec = redis.call('HGET', leases, id)
+  if not rec then return 0 end
+  local state, held, list = lease_of(rec)
+  for key in string.gmatch(list, '[^,]+') do
+    if redis.call('EXISTS', key) == 1 then
+      -- state x: an expired lease whose reservation was already reclaimed
+      if state == 'r' then redis.call('HINCRBY', key, 'reserved', -held) end
+      if actual > 0 then redis.call('HINCRBY', key, 'used', actual) end
+    end
+  end
+  redis.call('HDEL', leases, id)
+  redis.call('ZREM', deadlines, id)
+  return 1
+end
