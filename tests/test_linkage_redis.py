@@ -5,8 +5,6 @@ processes (and Redis Cluster) enforce one ``per: cluster`` budget."""
 from __future__ import annotations
 
 import random
-import threading
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from guardproxy.linkage.graph import LinkGraph
 from guardproxy.linkage.redis import RedisLinkageStore
 from guardproxy.linkage.settings import LinkageSettings, SignalSpec
 from tests.procs import fake_model, proxy
+from tests.redis_monitor import monitored, names
 from tests.redis_topologies import redis_cluster
 from tests.servers import running_server
 from tests.test_budget import usage_app
@@ -222,16 +221,6 @@ linkage:
         assert raw not in dump, raw
 
 
-def _monitor(url: str, prefix: str, commands: list[str], stop: threading.Event) -> None:
-    client: Any = redis.Redis.from_url(url)
-    with client.monitor() as m:
-        for event in m.listen():
-            if prefix in event["command"] and event.get("client_type") != "lua":
-                commands.append(event["command"].split()[0].upper())
-            if stop.is_set():
-                return
-
-
 @pytest.mark.parametrize(("rules", "expected"), [
     ("  - name: size\n    linkage: {max_accounts: 5}\n", ["EVALSHA"]),
     # reserve, record, settle; and carol's link to alice merges two clusters: their
@@ -245,22 +234,13 @@ def test_one_round_trip_per_record(tmp_path: Path, redis_prefix: tuple[str, str]
     url, prefix = redis_prefix
     policy = linkage_policy(tmp_path, "rules:\n" + rules, upstream=fake, state=url,
                             key_prefix=prefix)
-    commands: list[str] = []
-    stop = threading.Event()
     with running_server(create_app(policy)) as proxy_url:
         assert httpx.post(proxy_url + CHAT, timeout=10, **chat("key-alice")).status_code \
             == 200   # warm-up: loads the scripts
-        watcher = threading.Thread(target=_monitor, args=(url, prefix, commands, stop),
-                                   daemon=True)
-        watcher.start()
-        time.sleep(0.3)
-        assert httpx.post(proxy_url + CHAT, timeout=10, **chat("key-carol")).status_code \
-            == 200
-        time.sleep(0.3)
-        stop.set()
-        redis.Redis.from_url(url).get(f"{prefix}:wake")   # let listen() return
-        watcher.join(timeout=5)
-    assert commands == expected, commands
+        with monitored(url, prefix) as commands:
+            assert httpx.post(proxy_url + CHAT, timeout=10, **chat("key-carol")).status_code \
+                == 200
+    assert names(commands) == expected, commands
 
 
 BUDGET = """

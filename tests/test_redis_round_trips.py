@@ -3,32 +3,19 @@ counted on the real Redis with MONITOR."""
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 
 import httpx
-import redis
 
 from guardproxy.app import create_app
 from guardproxy.fake_model import create_fake_app
 from tests.conftest import write_policy
+from tests.redis_monitor import monitored, names
 from tests.servers import running_server
 
 
 def test_one_round_trip_each_way(tmp_path: Path, redis_prefix: tuple[str, str]) -> None:
     redis_url, prefix = redis_prefix
-    commands: list[str] = []
-    stop = threading.Event()
-
-    def monitor() -> None:
-        client = redis.Redis.from_url(redis_url)
-        with client.monitor() as m:
-            for event in m.listen():
-                if prefix in event["command"] and event.get("client_type") != "lua":
-                    commands.append(event["command"].split()[0].upper())
-                if stop.is_set():
-                    return
 
     with running_server(create_fake_app()) as fake:
         policy = write_policy(tmp_path, """
@@ -45,12 +32,6 @@ rules:
                 assert r.status_code == 200
 
             call()  # warm-up: loads the Lua scripts
-            watcher = threading.Thread(target=monitor, daemon=True)
-            watcher.start()
-            time.sleep(0.3)
-            call()
-            time.sleep(0.3)
-            stop.set()
-            redis.Redis.from_url(redis_url).get(f"{prefix}:wake")  # let listen() return
-            watcher.join(timeout=5)
-    assert commands == ["EVALSHA", "EVALSHA"], commands  # reserve, settle
+            with monitored(redis_url, prefix) as commands:
+                call()
+    assert names(commands) == ["EVALSHA", "EVALSHA"], commands  # reserve, settle

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,6 +37,7 @@ from guardproxy.state.budgets import (
 )
 from guardproxy.state.retry import PendingSettle, SettleRetry
 from tests.conftest import write_policy
+from tests.redis_monitor import monitored, names
 from tests.servers import running_server
 
 DAY = Window(limit=100_000, seconds=86400)
@@ -52,17 +52,6 @@ def _sha(*names: str) -> str:
 def test_two_budget_rules_settle_in_one_round_trip(
         tmp_path: Path, redis_prefix: tuple[str, str]) -> None:
     redis_url, prefix = redis_prefix
-    commands: list[list[str]] = []
-    stop = threading.Event()
-
-    def monitor() -> None:
-        client = redis.Redis.from_url(redis_url)
-        with client.monitor() as m:  # type: ignore[no-untyped-call]
-            for event in m.listen():
-                if prefix in event["command"] and event.get("client_type") != "lua":
-                    commands.append(event["command"].split())
-                if stop.is_set():
-                    return
 
     with running_server(create_fake_app()) as fake:
         policy = write_policy(tmp_path, """
@@ -85,18 +74,11 @@ rules:
                 assert r.status_code == 200
 
             call()  # warm-up: loads the Lua scripts
-            watcher = threading.Thread(target=monitor, daemon=True)
-            watcher.start()
-            time.sleep(0.3)
-            call()
-            time.sleep(0.3)
-            stop.set()
-            redis.Redis.from_url(redis_url).get(f"{prefix}:wake")  # let listen() return
-            watcher.join(timeout=5)
+            with monitored(redis_url, prefix) as commands:
+                call()
     reserve = _sha("lease_common.lua", "budget_reserve.lua")
     settle_many = _sha("lease_common.lua", "budget_settle_many.lua")
-    names = [c[0].upper() for c in commands]
-    assert names == ["EVALSHA"] * 3, commands  # reserve, reserve, one settle for both
+    assert names(commands) == ["EVALSHA"] * 3, commands  # reserve, reserve, one settle for both
     shas = [c[1].strip('"') for c in commands]
     assert shas == [reserve, reserve, settle_many], commands
     assert commands[2][2] == "4", commands  # both leases' keys: 2 rules x (leases, deadlines)
