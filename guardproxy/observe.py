@@ -108,6 +108,23 @@ class Observer(Protocol):
         """A guarded request is over (see ``RequestRecord``)."""
 
 
+class NullObserver:
+    """An observer that ignores everything: subclass it and override what you need."""
+
+    def decision(self, exchange: Exchange, outcome: Outcome) -> None:
+        pass
+
+    def settled(self, exchange: Exchange, rule: str, reserved: int, charged: int,
+                ending: Ending) -> None:
+        pass
+
+    def store_error(self, exchange: Exchange | None, rule: str, error: Exception) -> None:
+        pass
+
+    def completed(self, record: RequestRecord) -> None:
+        pass
+
+
 class Observers:
     """Fans every call out to several observers; one that raises is logged, not fatal."""
 

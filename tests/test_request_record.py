@@ -9,10 +9,7 @@ from typing import Any
 import httpx
 
 from guardproxy import GuardMiddleware
-from guardproxy.exchange import Exchange
-from guardproxy.guards.base import Outcome
-from guardproxy.observe import RequestRecord
-from guardproxy.response.events import Ending
+from guardproxy.observe import NullObserver, RequestRecord
 from tests.conftest import write_policy
 from tests.test_budget import usage_app
 
@@ -28,19 +25,9 @@ rules:
 """
 
 
-class Recorder:
+class Recorder(NullObserver):
     def __init__(self) -> None:
         self.records: list[RequestRecord] = []
-
-    def decision(self, exchange: Exchange, outcome: Outcome) -> None:
-        pass
-
-    def settled(self, exchange: Exchange, rule: str, reserved: int, charged: int,
-                ending: Ending) -> None:
-        pass
-
-    def store_error(self, exchange: Exchange | None, rule: str, error: Exception) -> None:
-        pass
 
     def completed(self, record: RequestRecord) -> None:
         self.records.append(record)

@@ -18,14 +18,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from guardproxy.audit.writer import AuditWriter, Counters
+from guardproxy.observe import NullObserver
 
 if TYPE_CHECKING:
     from guardproxy.audit.settings import AuditSettings
-    from guardproxy.exchange import Exchange
-    from guardproxy.guards.base import Outcome
     from guardproxy.observe import RequestRecord
     from guardproxy.policy.model import Policy
-    from guardproxy.response.events import Ending
     from guardproxy.state import State
 
 AUDIT_KEY = ("audit", "trails")
@@ -71,7 +69,7 @@ def audit_trails(state: State) -> AuditTrails:
     return state.extra(AUDIT_KEY, AuditTrails)
 
 
-class AuditTrail:
+class AuditTrail(NullObserver):
     """The observer: one line per completed request; other events are not its job."""
 
     def __init__(self, trails: AuditTrails, writer: AuditWriter) -> None:
@@ -86,16 +84,6 @@ class AuditTrail:
     @property
     def written(self) -> int:
         return self.trails.counters.written
-
-    def decision(self, exchange: Exchange, outcome: Outcome) -> None:
-        pass
-
-    def settled(self, exchange: Exchange, rule: str, reserved: int, charged: int,
-                ending: Ending) -> None:
-        pass
-
-    def store_error(self, exchange: Exchange | None, rule: str, error: Exception) -> None:
-        pass
 
     def completed(self, record: RequestRecord) -> None:
         self.writer.submit(record)

@@ -15,12 +15,12 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from guardproxy.metrics.families import Metrics
+from guardproxy.observe import NullObserver
 
 if TYPE_CHECKING:
     from prometheus_client import Counter
 
     from guardproxy.exchange import Exchange
-    from guardproxy.guards.base import Outcome
     from guardproxy.observe import RequestRecord
     from guardproxy.response.events import Ending
 
@@ -77,7 +77,7 @@ class Sources:
                 self.published[key] = total
 
 
-class MetricsObserver:
+class MetricsObserver(NullObserver):
     """``observe.Observer`` feeding ``Metrics``. ``decision`` counts nothing: the
     record's ``decisions`` carries every rule's verdict, allowed ones too, so counting
     here as well would count denials twice."""
@@ -87,9 +87,6 @@ class MetricsObserver:
     def __init__(self, metrics: Metrics, sources: Sources) -> None:
         self.metrics = metrics
         self.sources = sources
-
-    def decision(self, exchange: Exchange, outcome: Outcome) -> None:
-        pass
 
     def settled(self, exchange: Exchange, rule: str, reserved: int, charged: int,
                 ending: Ending) -> None:
