@@ -109,7 +109,10 @@ class Trace:
         bytes_in = ex.notes.get(BYTES_IN)
         if bytes_in is None:   # streamed through unread: what the client declared
             length = ex.headers.get("content-length", "")
-            bytes_in = int(length) if length.isdigit() else 0
+            # ASCII digits only, bounded: str.isdigit() takes '²', and int() of 5,000
+            # digits raises (the request would go unrecorded)
+            ok = length.isascii() and length.isdigit() and len(length) <= 19
+            bytes_in = int(length) if ok else 0
         ending = self.ending
         if self.status == 0 and ending is Ending.DENIED:
             ending = Ending.CANCELLED   # nothing was sent: the client went away first
