@@ -1,16 +1,19 @@
 """The one place that knows the order of a request's journey:
 
     request → path normalised, body read once into a request plan (middleware)
-            → identity → enrichment (linkage will add the cluster here)
-            → guards by phase (shaping, quota, budget, linkage, …) → deferred commits
+            → identity → enrichment (linkage: the evidence to record)
+            → guards by phase (quota, budget, linkage, …): their store work and the
+              linkage record in ONE admission batch → each guard decides from it
             → upstream → response stages (usage, canary, …) sharing one parse → client
 
 Guards run in ``Phase`` order, and in file order within a phase. The first enforced
-denial wins and stops evaluation, and what earlier guards hold is given back; work a
-guard defers (``Outcome.commit``: quota hits) runs only once every guard has allowed
-the request, so a denied request consumes nothing. Shadow denials are reported to the
-observers, never enforced. A ``Pipeline`` is built once per policy around state it does
-not own, so a reload builds a new one aside, reusing the state, and swaps it whole.
+denial wins and stops evaluation, and what earlier guards hold is given back. Guards
+that count in the shared store (``BatchedGuard``) do not call it: their asks go to the
+store together (``state/admission.py``: one script call on Redis), judged in the same
+order, so a request denied anywhere consumes nothing and costs one round trip.
+Shadow denials are reported to the observers, never enforced. A ``Pipeline`` is built
+once per policy around state it does not own, so a reload builds a new one aside,
+reusing the state, and swaps it whole.
 """
 
 from __future__ import annotations
@@ -18,22 +21,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from guardproxy.dialects import Dialect, get_dialect
 from guardproxy.errors import StoreError
 from guardproxy.exchange import Exchange
 from guardproxy.guards import Guard, Outcome, RateHeaders, Runtime, rule_kinds
-from guardproxy.guards.per import CLUSTER
+from guardproxy.guards.base import BatchedGuard
+from guardproxy.guards.per import CLUSTER, PENDING
 from guardproxy.identity import Identifier
+from guardproxy.linkage.api import Cluster
 from guardproxy.observe import LogObserver, Observer, Observers
 from guardproxy.policy.model import Policy
 from guardproxy.response.driver import ResponseDriver
 from guardproxy.response.events import Ending, ResponseStage
 from guardproxy.response.usage import Lease, Usage, UsageMeter, close_leases
 from guardproxy.state import State
+from guardproxy.state.admission import Ask, RecordAsk, Refusal
 from guardproxy.trace import AUDIT_INCLUDE
 
 log = logging.getLogger("guardproxy")
@@ -44,6 +50,21 @@ class Enricher(Protocol):
         """Add what later guards key on (account linkage: the cluster) to the exchange."""
 
 
+@runtime_checkable
+class Recorder(Enricher, Protocol):
+    """An enricher whose store work joins the admission batch (linkage)."""
+
+    def prepare(self, exchange: Exchange) -> RecordAsk | None:
+        """What to record for the request, read without awaiting."""
+
+    def recorded(self, exchange: Exchange, cluster: Cluster | None,
+                 error: StoreError | None) -> None:
+        """The batch's answer: the cluster, or the error recording met."""
+
+
+RECORD = "record"   # exchange.notes: (Recorder, RecordAsk) until the batch is sent
+
+
 @dataclass(slots=True)
 class Admission:
     """The guards' joint verdict on one request."""
@@ -52,8 +73,6 @@ class Admission:
     rates: dict[str, RateHeaders] = field(default_factory=dict)
     leases: list[Lease] = field(default_factory=list)
     stages: list[ResponseStage] = field(default_factory=list)
-    commits: list[tuple[Guard, Callable[[], Awaitable[Outcome | None]]]] = field(
-        default_factory=list)
     decisions: list[Outcome] = field(default_factory=list)   # every rule that decided
     seconds: dict[str, float] = field(default_factory=dict)   # rule -> time in its calls
 
@@ -87,51 +106,129 @@ class Pipeline:
         # a cluster's counters never show in rate headers: a fresh account would learn
         # from them that it is linked (and to how much use)
         self.private = frozenset(g for g in self.guards if CLUSTER in g.rule.per)
+        self.batched = frozenset(g for g in self.guards if isinstance(g, BatchedGuard))
 
     async def enrich(self, exchange: Exchange) -> None:
         for enricher in self.enrichers:
-            await enricher.enrich(exchange)
+            if isinstance(enricher, Recorder):   # its store work joins the batch
+                ask = enricher.prepare(exchange)
+                if ask is not None:
+                    exchange.notes[RECORD] = (enricher, ask)
+                    exchange.notes[CLUSTER] = PENDING
+            else:
+                await enricher.enrich(exchange)
 
     async def admit(self, exchange: Exchange) -> Admission:
         admission = Admission()
-        for guard in self.guards:
-            outcome = await self._ask(guard, exchange, guard.check(exchange), admission)
-            if outcome is None:
-                continue
-            admission.decisions.append(outcome)
-            if guard.rule.audit_include:   # this rule asks for the request's text
-                exchange.notes[AUDIT_INCLUDE] = frozenset(
-                    exchange.notes.get(AUDIT_INCLUDE, frozenset()) | set(guard.rule.audit_include))
-            if guard not in self.private:
-                admission.add_rates(outcome)
-            if outcome.lease is not None:
-                admission.leases.append(outcome.lease)
-            if outcome.stage is not None:
-                admission.stages.append(outcome.stage)
-            if outcome.commit is not None:
-                admission.commits.append((guard, outcome.commit))
-            if self._denied(exchange, outcome):
-                admission.denial = outcome
-                await self.release(admission, Ending.DENIED)
-                return admission
-        for guard, commit in admission.commits:
-            outcome = await self._ask(guard, exchange, commit(), admission)
-            if outcome is not None and self._denied(exchange, outcome):
-                # the deferred hit found the window full: that is the rule's verdict
-                admission.decisions[:] = [outcome if d.rule == outcome.rule else d
-                                          for d in admission.decisions]
-                admission.denial = outcome
-                if guard not in self.private:
-                    admission.add_rates(outcome)
-                await self.release(admission, Ending.DENIED)
-                return admission
-        admission.commits.clear()
-        return admission
+        pending: list[tuple[Guard, Ask | Outcome]] = []
+        try:
+            for guard in self.guards:
+                if guard not in self.batched:
+                    if (pending or RECORD in exchange.notes) and \
+                            await self._flush(exchange, pending, admission):
+                        return admission
+                    outcome = await self._ask(guard, exchange, guard.check(exchange),
+                                              admission)
+                    if outcome is not None and \
+                            await self._take(guard, exchange, outcome, admission):
+                        return admission
+                    continue
+                assert isinstance(guard, BatchedGuard)
+                try:
+                    planned = guard.plan(exchange)
+                except StoreError as exc:
+                    self._failed(guard, exchange, exc)
+                    continue
+                if planned is None:
+                    continue
+                if isinstance(planned, Outcome) and planned.enforced_denial:
+                    pending.append((guard, Refusal(guard.rule.name)))
+                    await self._flush(exchange, pending, admission, planned)
+                    return admission
+                pending.append((guard, planned))
+            if pending or RECORD in exchange.notes:
+                await self._flush(exchange, pending, admission)
+            return admission
+        finally:
+            if exchange.notes.get(CLUSTER) is PENDING:   # never sent: no cluster known
+                del exchange.notes[CLUSTER]
+
+    async def _flush(self, exchange: Exchange, pending: list[tuple[Guard, Ask | Outcome]],
+                     admission: Admission, refused: Outcome | None = None) -> bool:
+        """Send the batched guards' asks and the linkage record in one store call, then
+        take each rule's outcome in order. True when the request is denied (``refused``:
+        the enforced denial that ended the batch, a rule's without the store)."""
+        record = exchange.notes.pop(RECORD, None)
+        pending_items = [*pending]
+        asks = [(guard, item) for guard, item in pending_items if not isinstance(item, Outcome)]
+        started = time.perf_counter()
+        try:
+            batch = await self.state.admission.admit([a for _, a in asks],
+                                                     record[1] if record else None)
+        except StoreError as exc:
+            if record is not None:
+                record[0].recorded(exchange, None, exc)
+            for guard, ask in asks:   # every rule that asked follows its on_store_error
+                if isinstance(ask, Refusal):
+                    continue
+                self.observer.store_error(exchange, guard.rule.name, exc)
+                if guard.rule.name not in self.fail_open:
+                    await self.release(admission, Ending.DENIED)
+                    raise
+            batch = None
+        finally:
+            pending.clear()
+        elapsed = time.perf_counter() - started
+        if batch is not None and record is not None:
+            record[0].recorded(exchange, batch.cluster, None)
+        results = iter(batch.results) if batch is not None else None
+        for guard, item in pending_items:
+            if isinstance(item, Refusal):
+                outcome: Outcome | None = refused
+            elif isinstance(item, Outcome):
+                outcome = item
+            else:
+                name = guard.rule.name
+                admission.seconds[name] = admission.seconds.get(name, 0.0) + elapsed
+                if results is None or batch is None:   # store failed, the rule fails open
+                    continue
+                assert isinstance(guard, BatchedGuard)
+                outcome = guard.decide(exchange, item, next(results), batch)
+            if outcome is not None and await self._take(guard, exchange, outcome, admission):
+                return True
+        return False
+
+    async def _take(self, guard: Guard, exchange: Exchange, outcome: Outcome,
+                    admission: Admission) -> bool:
+        """Add a rule's outcome to the admission; True (and what is held given back)
+        when it is the request's enforced denial."""
+        admission.decisions.append(outcome)
+        if guard.rule.audit_include:   # this rule asks for the request's text
+            exchange.notes[AUDIT_INCLUDE] = frozenset(
+                exchange.notes.get(AUDIT_INCLUDE, frozenset()) | set(guard.rule.audit_include))
+        if guard not in self.private:
+            admission.add_rates(outcome)
+        if outcome.lease is not None:
+            admission.leases.append(outcome.lease)
+        if outcome.stage is not None:
+            admission.stages.append(outcome.stage)
+        if self._denied(exchange, outcome):
+            admission.denial = outcome
+            await self.release(admission, Ending.DENIED)
+            return True
+        return False
+
+    def _failed(self, guard: Guard, exchange: Exchange, exc: StoreError) -> None:
+        """A rule that could not plan (its cluster is unknown): it passes with
+        ``on_store_error: allow``, else the error denies (503)."""
+        self.observer.store_error(exchange, guard.rule.name, exc)
+        if guard.rule.name not in self.fail_open:
+            raise exc
 
     async def _ask(self, guard: Guard, exchange: Exchange, call: Awaitable[Outcome | None],
                    admission: Admission) -> Outcome | None:
-        """One guard call; a store error denies (503) or, with on_store_error: allow,
-        lets the rule pass."""
+        """One unbatched guard call; a store error denies (503) or, with
+        on_store_error: allow, lets the rule pass."""
         started = time.perf_counter()
         try:
             return await call
@@ -141,7 +238,7 @@ class Pipeline:
                 await self.release(admission, Ending.DENIED)
                 raise
             return None
-        finally:   # a rule's state-store latency, on Redis (check and deferred commit)
+        finally:
             name = guard.rule.name
             admission.seconds[name] = admission.seconds.get(name, 0.0) + \
                 time.perf_counter() - started

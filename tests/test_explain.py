@@ -254,10 +254,8 @@ async def snapshot(app: GuardMiddleware) -> dict[Any, Any]:
     for guard in pipeline.guards:
         for who in ("alice", "frank"):
             if isinstance(guard, QuotaGuard):
-                out[guard.rule.name, who] = [
-                    (await guard.limiter.get_window_stats(item, guard.rule.name,
-                                                          f"account={who}")).remaining
-                    for item in guard.rates]
+                out[guard.rule.name, who] = list((await guard.store.quota_state(
+                    guard.ask(f"account={who}"))).remaining)
             elif isinstance(guard, BudgetGuard):
                 out[guard.rule.name, who] = [
                     (w.used, w.reserved) for w in await pipeline.state.budgets.usage(

@@ -19,8 +19,7 @@ from tests.test_request_plan import Upstream, call, chat, json_headers, policy, 
 async def left(app: GuardMiddleware, rule: str, key: str = "account=alice") -> list[int]:
     """What is left in each window of quota ``rule`` for counter ``key``."""
     guard: Any = next(g for g in app.pipeline.guards if g.rule.name == rule)
-    return [(await guard.limiter.get_window_stats(item, rule, key)).remaining
-            for item in guard.rates]
+    return list((await guard.store.quota_state(guard.ask(key))).remaining)
 
 
 async def ask(app: GuardMiddleware, **fields: Any) -> Any:

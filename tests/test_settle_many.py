@@ -27,6 +27,7 @@ from redis.crc import key_slot
 from guardproxy.app import create_app
 from guardproxy.errors import StoreError
 from guardproxy.fake_model import create_fake_app
+from guardproxy.state.admission_redis import admit_script
 from guardproxy.state.budgets import (
     BudgetStore,
     MemoryBudgetStore,
@@ -76,12 +77,12 @@ rules:
             call()  # warm-up: loads the Lua scripts
             with monitored(redis_url, prefix) as commands:
                 call()
-    reserve = _sha("lease_common.lua", "budget_reserve.lua")
+    admit = hashlib.sha1(admit_script(recording=False).encode()).hexdigest()
     settle_many = _sha("lease_common.lua", "budget_settle_many.lua")
-    assert names(commands) == ["EVALSHA"] * 3, commands  # reserve, reserve, one settle for both
+    assert names(commands) == ["EVALSHA"] * 2, commands  # admission, one settle for both
     shas = [c[1].strip('"') for c in commands]
-    assert shas == [reserve, reserve, settle_many], commands
-    assert commands[2][2] == "4", commands  # both leases' keys: 2 rules x (leases, deadlines)
+    assert shas == [admit, settle_many], commands
+    assert commands[1][2] == "4", commands  # both leases' keys: 2 rules x (leases, deadlines)
     left = redis.Redis.from_url(redis_url)
     try:
         used = {k.decode(): left.hget(k, "used") for k in left.scan_iter(f"{prefix}:*:w*")}

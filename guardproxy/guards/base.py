@@ -9,10 +9,10 @@ itself lives in ``guardproxy.flow``), then in file order within a phase.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from guardproxy.dialects.base import Dialect
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from guardproxy.response.events import ResponseStage
     from guardproxy.response.usage import Lease
     from guardproxy.state import State
+    from guardproxy.state.admission import Ask, Batch, Result
 
 
 class Phase(IntEnum):
@@ -49,9 +50,7 @@ class Outcome:
 
     A denial carries its HTTP ``status`` (429 for limits, 400/403 for shaping), a
     dialect-neutral error ``kind`` and ``code``, and the ``window`` that decided
-    (``"20/minute"``). ``commit`` is work the guard defers until every guard has
-    allowed the request (quota hits), so a request denied anywhere consumes nothing;
-    it returns a denial when the window filled up meanwhile."""
+    (``"20/minute"``)."""
 
     allowed: bool
     rule: str
@@ -65,7 +64,6 @@ class Outcome:
     window: str = ""
     lease: Lease | None = None          # settled from the response's usage (budgets)
     stage: ResponseStage | None = None  # sees the response itself (canaries)
-    commit: Callable[[], Awaitable[Outcome | None]] | None = None
 
     @property
     def enforced_denial(self) -> bool:
@@ -77,6 +75,20 @@ class Guard(Protocol):
 
     async def check(self, exchange: Exchange) -> Outcome | None:
         """Decide on a request; ``None`` means the rule has nothing to say about it."""
+        ...
+
+
+@runtime_checkable
+class BatchedGuard(Guard, Protocol):
+    """A guard whose store work joins the request's admission batch (flow.Pipeline):
+    ``plan`` says what it asks of the store (or decides at once: an ``Outcome``, or
+    None for nothing to say), and ``decide`` reads its answer. Neither awaits."""
+
+    def plan(self, exchange: Exchange) -> Ask | Outcome | None: ...
+
+    def decide(self, exchange: Exchange, ask: Ask, result: Result,
+               batch: Batch) -> Outcome | None:
+        """The rule's verdict from its ``result`` (None when it was not judged)."""
         ...
 
 

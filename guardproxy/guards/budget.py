@@ -53,13 +53,14 @@ from guardproxy.explain.verdict import (
 )
 from guardproxy.guards import per_keys
 from guardproxy.guards.base import Outcome, Phase, RateHeaders, RuleKind, Runtime
-from guardproxy.guards.per import compile_per
+from guardproxy.guards.per import compile_per, template
 from guardproxy.guards.rates import parse_rates
 from guardproxy.policy.model import Rule
 from guardproxy.policy.reader import Reader
 from guardproxy.response.events import Ending
 from guardproxy.response.usage import Lease, Usage
-from guardproxy.state.budgets import Reservation, Window
+from guardproxy.state.admission import Ask, Batch, BudgetAsk, Result, render
+from guardproxy.state.budgets import Window
 from guardproxy.state.retry import PendingSettle
 from guardproxy.tokens import estimate_prompt, estimate_text
 
@@ -163,6 +164,7 @@ class BudgetGuard:
         self.rule = rule
         self.settings: BudgetSettings = rule.settings
         self.store = runtime.state.budgets
+        self.admission = runtime.state.admission
         self.settles = runtime.state.settles
         self.observer = runtime.observer
         self.count = runtime.policy.tokenizer or estimate_text
@@ -176,7 +178,7 @@ class BudgetGuard:
     def subject(self, key: str) -> str:
         return f"{self.rule.name}|{key}"
 
-    async def check(self, exchange: Exchange) -> Outcome | None:
+    def plan(self, exchange: Exchange) -> Ask | Outcome | None:
         if (exchange.method in _READS and exchange.body is None) or (
                 self.when is not None and not self.when(exchange.attrs(), exchange.headers)):
             return None
@@ -205,37 +207,50 @@ class BudgetGuard:
             if not self.rule.shadow:
                 # written before reserving: bounded even if the store fails open
                 exchange.set_cap(cap)
-        subject = self.subject(self.key(exchange))
-        copies = plan.completions
-        result = await self.store.reserve(subject, s.windows, s.cost(prompt, cap * copies),
-                                          self.ttl)
-        if not result.ok and s.on_exhausted == "clamp" and plan.generates \
-                and not self.rule.shadow and s.completion_weight > 0:
-            room = int((min(result.remaining) - s.prompt_weight * prompt)
-                       / (s.completion_weight * copies))
-            if s.min_tokens <= room < cap:
-                result = await self.store.reserve(subject, s.windows,
-                                                  s.cost(prompt, room * copies), self.ttl)
-                if result.ok:
-                    cap = room
-        if result.ok and plan.generates and not self.rule.shadow:
+        return BudgetAsk(
+            rule=self.rule.name, shadow=self.rule.shadow,
+            subject=template(self.subject(self.key(exchange))),
+            lease_id=self.store.new_lease_id(), generates=plan.generates,
+            prompt_weight=s.prompt_weight, prompt=prompt, completion_weight=s.completion_weight,
+            copies=plan.completions, cap=cap, clamp=s.on_exhausted == "clamp",
+            min_tokens=s.min_tokens, windows=s.windows, ttl=self.ttl)
+
+    async def check(self, exchange: Exchange) -> Outcome | None:
+        """``plan`` and ``decide`` as a batch of one (tests, embedding without a flow)."""
+        ask = self.plan(exchange)
+        if ask is None or isinstance(ask, Outcome):
+            return ask
+        assert isinstance(ask, BudgetAsk)
+        batch = await self.admission.admit([ask])
+        return self.decide(exchange, ask, batch.results[0], batch)
+
+    def decide(self, exchange: Exchange, ask: Ask, result: Result,
+               batch: Batch) -> Outcome | None:
+        if result.status < 0 or not isinstance(ask, BudgetAsk):
+            return None
+        cap, plan = result.cap, exchange.plan
+        if result.allowed and plan.generates and not self.rule.shadow:
             # the upstream must not generate more than was reserved, whatever field it reads
             exchange.notes["cap"] = cap
             exchange.set_cap(cap)
-        if result.ok:
+        if result.allowed:
             exchange.notes["reserved_output"] = max(exchange.notes.get("reserved_output", 0),
-                                                    cap * copies)
-        return self._outcome(result, subject, exchange)
+                                                    cap * plan.completions)
+        subject = render(ask.subject, batch.cluster.id if batch.cluster else "")
+        return self._outcome(result, batch.now, subject, exchange)
 
-    def _outcome(self, result: Reservation, subject: str, exchange: Exchange) -> Outcome:
+    def _outcome(self, result: Result, now: float, subject: str,
+                 exchange: Exchange) -> Outcome:
         i = min(range(len(result.remaining)), key=result.remaining.__getitem__)
         window = self.settings.windows[i]
         # resets are on the store's clock: shift them onto ours for the headers
-        skew = time.time() - result.now
+        skew = time.time() - now
         rate = RateHeaders(self.resource, window.limit, result.remaining[i],
                            result.resets[i] + skew)
-        if result.ok:
-            assert result.lease_id is not None
+        if result.allowed:
+            if result.lease_id is None:   # a later rule denied: the batch released it
+                return Outcome(allowed=True, rule=self.rule.name, shadow=self.rule.shadow,
+                               rate=(rate,))
             lease = BudgetLease(self, exchange, subject, result.lease_id, result.amount)
             return Outcome(allowed=True, rule=self.rule.name, shadow=self.rule.shadow,
                            rate=(rate,), lease=lease)
@@ -244,7 +259,7 @@ class BudgetGuard:
         decided = self.settings.windows[short[0]]
         return Outcome(
             allowed=False, rule=self.rule.name, shadow=self.rule.shadow, rate=(rate,),
-            retry_after=max(0.0, reset - result.now), kind="tokens", code="insufficient_quota",
+            retry_after=max(0.0, reset - now), kind="tokens", code="insufficient_quota",
             window=f"{decided.limit}/{decided.seconds}s",
             message=f"Token budget exhausted (rule '{self.rule.name}'): this request needs "
                     f"up to {result.amount} tokens, {max(0, min(result.remaining))} are left.",

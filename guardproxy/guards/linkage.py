@@ -27,9 +27,11 @@ from guardproxy.explain.verdict import (
     when_mismatch,
 )
 from guardproxy.guards.base import Outcome, Phase, RuleKind, Runtime
-from guardproxy.guards.per import cluster_of
+from guardproxy.guards.per import CLUSTER, PENDING, cluster_of
+from guardproxy.linkage.api import Cluster
 from guardproxy.policy.model import Rule
 from guardproxy.policy.reader import Reader
+from guardproxy.state.admission import Ask, Batch, GateAsk, Result
 
 LINKED_TO = ("blocked",)
 
@@ -63,13 +65,32 @@ class LinkageGuard:
         self.settings: LinkageRuleSettings = rule.settings
         self.when = None if rule.when.always else rule.when
 
-    async def check(self, exchange: Exchange) -> Outcome | None:
+    def plan(self, exchange: Exchange) -> Ask | Outcome | None:
         if self.when is not None and not self.when(exchange.attrs(), exchange.headers):
             return None
         cluster = cluster_of(exchange)   # StoreError: the rule's on_store_error decides
         if cluster is None:
             return None
         s = self.settings
+        if cluster is PENDING:   # recorded in the admission batch: judged there
+            return GateAsk(self.rule.name, self.rule.shadow, s.max_accounts,
+                           s.linked_to == "blocked")
+        return self._judge(cluster)
+
+    async def check(self, exchange: Exchange) -> Outcome | None:
+        planned = self.plan(exchange)
+        if planned is None or isinstance(planned, Outcome):
+            return planned
+        return self._judge(exchange.notes.get(CLUSTER))
+
+    def decide(self, exchange: Exchange, ask: Ask, result: Result,
+               batch: Batch) -> Outcome | None:
+        return self._judge(batch.cluster) if result.status >= 0 else None
+
+    def _judge(self, cluster: Cluster | None) -> Outcome | None:
+        s = self.settings
+        if cluster is None or cluster is PENDING:
+            return None
         if s.max_accounts is not None and cluster.size > s.max_accounts:
             return self._denial("linked_accounts", f"max_accounts={s.max_accounts}",
                                 "This account is linked to more accounts "

@@ -20,9 +20,15 @@ from guardproxy.exchange import Exchange
 from guardproxy.guards.base import PerKey
 from guardproxy.identity.client_ip import ip_key
 from guardproxy.linkage.api import Cluster
+from guardproxy.state.admission import Template, escape
 
 CLUSTER = "cluster"              # exchange.notes: the request's linkage.api.Cluster
 CLUSTER_ERROR = "cluster_error"  # exchange.notes: the StoreError recording it met
+# exchange.notes[CLUSTER] while the record waits for the admission batch: a key naming
+# the cluster then holds MARK where the escaped id goes (admission.Template), and only
+# there, since _escaped writes a NUL of any real value as %00
+PENDING = Cluster(id="\x00", size=0)
+MARK = "\x00"
 
 
 def _account(ex: Exchange) -> str | None:
@@ -57,6 +63,8 @@ def cluster_of(ex: Exchange) -> Cluster | None:
 
 def _cluster(ex: Exchange) -> str | None:
     cluster = cluster_of(ex)
+    if cluster is PENDING:
+        return PENDING.id
     if cluster is not None:
         return cluster.id
     return ex.account.id if ex.account else None
@@ -103,8 +111,15 @@ def compile_per(names: tuple[str, ...],
 
 
 def _escaped(value: str | None) -> str:
-    """A client-chosen value cannot forge another key's ``|label=`` part."""
+    """A client-chosen value cannot forge another key's ``|label=`` part, nor MARK
+    (admission/escape does the same to a cluster id)."""
     if not value:
         return ""
-    return value.replace("%", "%25").replace("|", "%7C") if "|" in value or "%" in value \
-        else value
+    if value is PENDING.id:
+        return MARK
+    return escape(value)
+
+
+def template(key: str) -> Template:
+    """A counter key as an admission ``Template``: split where the cluster id goes."""
+    return tuple(key.split(MARK)) if MARK in key else (key,)

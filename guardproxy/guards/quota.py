@@ -6,47 +6,37 @@
       per: account
       strategy: sliding-window     # fixed-window | moving-window | sliding-window
 
-A request is admitted in two steps, so that a request denied by one window or one
-rule consumes nothing anywhere: ``check`` reads every window (the first that is full
-denies), and only once every guard of the policy has allowed the request does
-``commit`` hit them. A window that filled up between the two (a concurrent request)
-denies then. The rate-limit headers describe the rule's shortest window, as OpenAI's
-and Anthropic's requests-per-minute headers do.
+A request is counted only if every window of the rule has room, and only if no rule
+of the policy denies it: the quota asks of all rules go to the store in one batch with
+the budgets and the linkage record (``state/admission.py``; one script call on Redis),
+judged in order, so a request denied anywhere consumes nothing. The strategies are the
+``limits`` library's, reimplemented to run inside that batch (``state/windows.py``,
+``state/lua/quota_windows.lua``) and tested against ``limits`` itself. The rate-limit
+headers describe the rule's shortest window, as OpenAI's and Anthropic's
+requests-per-minute headers do.
 
 ``per: cluster``: when two linked clusters merge, ``carry`` adds the hits counted under
 the id that disappeared to the surviving id (``linkage/carry.py``, off the request
-path), once per merge and window (a marker counter: a repeated report adds nothing,
-and neither does a re-merge after a split within the same window).
+path), once per merge and window (a marker: a repeated report adds nothing, and neither
+does a re-merge after a split within the same window).
 fixed-window: the absorbed id's count is added to the survivor's window (a survivor
 without an open window opens one at the merge, holding the carried hits).
 sliding-window: what the limiter sees for the absorbed id now (its previous window
 weighted, plus its current one) is added to the survivor's *current* window, so the
 carried part decays one window later than it would have: stricter, never looser.
-moving-window: not carried. The ``limits`` storage can only add entries stamped now,
-which would hold the absorbed cluster's requests for a whole window after the merge;
-the merged cluster's moving window counts its own id's entries only.
+moving-window: not carried (the survivor's window would hold the absorbed requests,
+stamped now, for a whole window after the merge).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
 
 from limits import RateLimitItem
-from limits.aio.storage import SlidingWindowCounterSupport
-from limits.aio.strategies import (
-    FixedWindowRateLimiter,
-    MovingWindowRateLimiter,
-    RateLimiter,
-    SlidingWindowCounterRateLimiter,
-)
-from limits.errors import StorageError as LimitsStorageError
 
-from guardproxy.errors import StoreError
 from guardproxy.exchange import Exchange
 from guardproxy.explain.verdict import (
     RuleExplanation,
@@ -58,19 +48,14 @@ from guardproxy.explain.verdict import (
 )
 from guardproxy.guards import per_keys
 from guardproxy.guards.base import Outcome, Phase, RateHeaders, RuleKind, Runtime
-from guardproxy.guards.per import compile_per
+from guardproxy.guards.per import compile_per, template
 from guardproxy.guards.rates import parse_rates, rate_text
 from guardproxy.policy.model import Rule
 from guardproxy.policy.reader import Reader
+from guardproxy.state.admission import Ask, Batch, QuotaAsk, Result
+from guardproxy.state.windows import STRATEGY_CODES
 
 log = logging.getLogger("guardproxy.quota")
-
-STRATEGIES: dict[str, type[RateLimiter]] = {
-    "fixed-window": FixedWindowRateLimiter,
-    "moving-window": MovingWindowRateLimiter,
-    "sliding-window": SlidingWindowCounterRateLimiter,
-}
-UNBOUNDED = 2 ** 53   # a limit no carried count reaches: the carry itself is never refused
 
 
 @dataclass(frozen=True)
@@ -81,7 +66,7 @@ class QuotaSettings:
 
 def parse(reader: Reader) -> QuotaSettings:
     rates: tuple[RateLimitItem, ...] = reader.parsed("quota", parse_rates, ())
-    strategy = reader.choice("strategy", STRATEGIES, "sliding-window")
+    strategy = reader.choice("strategy", STRATEGY_CODES, "sliding-window")
     return QuotaSettings(rates=rates, strategy=strategy)
 
 
@@ -90,46 +75,47 @@ class QuotaGuard:
         self.rule = rule
         settings: QuotaSettings = rule.settings
         self.rates = settings.rates
-        self.reported = min(self.rates, key=lambda item: item.get_expiry())
-        self.limiter = STRATEGIES[settings.strategy](runtime.state.limits)
+        self.strategy = STRATEGY_CODES[settings.strategy]
+        # per rule, once: what every request's ask carries
+        self.windows = tuple((int(r.amount), int(r.get_expiry())) for r in self.rates)
+        self.texts = tuple(rate_text(r) for r in self.rates)
+        self.reported = min(range(len(self.rates)), key=lambda i: self.windows[i][1])
+        self.store = runtime.state.admission
         self.key = compile_per(rule.per, per_keys())
         self.when = None if rule.when.always else rule.when
 
-    async def check(self, exchange: Exchange) -> Outcome | None:
+    def ask(self, key: str) -> QuotaAsk:
+        return QuotaAsk(self.rule.name, self.rule.shadow, self.strategy, template(key),
+                        self.windows)
+
+    def plan(self, exchange: Exchange) -> Ask | Outcome | None:
         if self.when is not None and not self.when(exchange.attrs(), exchange.headers):
             return None
-        key = self.key(exchange)
-        try:
-            return await self._test(key)
-        except LimitsStorageError as exc:
-            raise StoreError(f"quota store unavailable: {exc}") from exc
+        return self.ask(self.key(exchange))
 
-    async def _test(self, key: str) -> Outcome:
-        name = self.rule.name
-        reported: tuple[RateHeaders, ...] = ()
-        for item in self.rates:
-            stats = await self.limiter.get_window_stats(item, name, key)
-            rate = RateHeaders("requests", item.amount, stats.remaining, stats.reset_time)
-            if stats.remaining < 1:
-                return self._denial(item, rate, key)
-            if item is self.reported:
-                # the headers show what is left once this request is counted
-                reported = (RateHeaders("requests", item.amount, stats.remaining - 1,
-                                        stats.reset_time),)
+    async def check(self, exchange: Exchange) -> Outcome | None:
+        """``plan`` and ``decide`` as a batch of one (tests, embedding without a flow)."""
+        ask = self.plan(exchange)
+        if ask is None or isinstance(ask, Outcome):
+            return ask
+        assert isinstance(ask, QuotaAsk)
+        batch = await self.store.admit([ask])
+        return self.decide(exchange, ask, batch.results[0], batch)
 
-        async def commit() -> Outcome | None:
-            try:
-                for item in self.rates:
-                    if not await self.limiter.hit(item, name, key):
-                        stats = await self.limiter.get_window_stats(item, name, key)
-                        return self._denial(item, RateHeaders(
-                            "requests", item.amount, stats.remaining, stats.reset_time), key)
-            except LimitsStorageError as exc:
-                raise StoreError(f"quota store unavailable: {exc}") from exc
+    def decide(self, exchange: Exchange, ask: Ask, result: Result,
+               batch: Batch) -> Outcome | None:
+        if not result.status >= 0:
             return None
-
-        return Outcome(allowed=True, rule=name, shadow=self.rule.shadow, rate=reported,
-                       commit=commit)
+        skew = time.time() - batch.now   # resets are on the store's clock
+        if not result.allowed:
+            i = result.denied
+            return self._denial(i, RateHeaders("requests", self.windows[i][0],
+                                               result.remaining[i], result.resets[i] + skew))
+        i = self.reported   # the headers show what is left once this request is counted
+        rate = RateHeaders("requests", self.windows[i][0], max(0, result.remaining[i] - 1),
+                           result.resets[i] + skew)
+        return Outcome(allowed=True, rule=self.rule.name, shadow=self.rule.shadow,
+                       rate=(rate,))
 
     async def carry(self, moves: Sequence[tuple[str, str]]) -> int:
         """For each ``(source key, target key)`` in order, add the hits counted under
@@ -137,51 +123,18 @@ class QuotaGuard:
         docstring for what each strategy does). Returns the hits added, over windows.
         Raises ``StoreError`` when the store fails; a carry marked but not added then
         is lost (never added twice)."""
-        limiter = self.limiter
-        sliding = isinstance(limiter, SlidingWindowCounterRateLimiter)
-        if not sliding and not isinstance(limiter, FixedWindowRateLimiter):
-            return 0
-        storage = limiter.storage
-        name, added = self.rule.name, 0
-        try:
-            for source, target in moves:
-                if source == target:
-                    continue
-                for item in self.rates:
-                    expiry, key = item.get_expiry(), item.key_for(name, source)
-                    if sliding:
-                        prev, prev_ttl, current, _ = await cast(
-                            SlidingWindowCounterSupport, storage).get_sliding_window(key, expiry)
-                        count = math.floor(prev * prev_ttl / expiry + current)
-                    else:
-                        count = await storage.get(key)
-                    if count <= 0:
-                        continue
-                    # the marker first: two replicas reporting one merge add it once
-                    if await storage.incr(item.key_for(name, source, "carried-to", target),
-                                          expiry) != 1:
-                        continue
-                    if sliding:
-                        await cast(SlidingWindowCounterSupport, storage) \
-                            .acquire_sliding_window_entry(item.key_for(name, target),
-                                                          UNBOUNDED, expiry, count)
-                    else:
-                        await storage.incr(item.key_for(name, target), expiry, amount=count)
-                    added += count
-        except LimitsStorageError as exc:
-            raise StoreError(f"quota store unavailable: {exc}") from exc
-        return added
+        return await self.store.carry_quota(self.ask(""), moves)
 
-    def _denial(self, item: RateLimitItem, rate: RateHeaders, key: str) -> Outcome:
+    def _denial(self, i: int, rate: RateHeaders) -> Outcome:
         name = self.rule.name
-        log.debug("quota %s exceeded for %s (%s)%s", name, key, item,
+        log.debug("quota %s exceeded (%s)%s", name, self.texts[i],
                   " [shadow]" if self.rule.shadow else "")
         return Outcome(
             allowed=False, rule=name, shadow=self.rule.shadow, rate=(rate,),
             retry_after=max(0.0, rate.reset_at - time.time()),
-            kind="rate_limit", code="rate_limit_exceeded", window=rate_text(item),
-            message=f"Rate limit exceeded: {item.amount} requests per "
-                    f"{item.get_expiry()}s (rule '{name}'). Retry later.",
+            kind="rate_limit", code="rate_limit_exceeded", window=self.texts[i],
+            message=f"Rate limit exceeded: {self.windows[i][0]} requests per "
+                    f"{self.windows[i][1]}s (rule '{name}'). Retry later.",
         )
 
     async def explain(self, exchange: Exchange) -> RuleExplanation:
@@ -190,20 +143,16 @@ class QuotaGuard:
         miss = when_mismatch(self.when, exchange)
         if miss is not None:
             return skipped(self.rule, miss)
-        key, windows, full = self.key(exchange), [], None
-        try:
-            for item in self.rates:
-                stats = await self.limiter.get_window_stats(item, self.rule.name, key)
-                windows.append({"rate": rate_text(item), "limit": item.amount,
-                                "seconds": item.get_expiry(), "remaining": stats.remaining,
-                                "reset_at": stats.reset_time})
-                if stats.remaining < 1 and full is None:
-                    full = (f"{rate_text(item)} is used up for {key} "
-                            f"({resets_in(stats.reset_time)})", item)
-        except LimitsStorageError as exc:
-            raise StoreError(f"quota store unavailable: {exc}") from exc
-        if full is not None:
-            return denied(self.rule, full[0], 429, rate_text(full[1]), key=key, windows=windows)
+        key = self.key(exchange)
+        state = await self.store.quota_state(self.ask(key))
+        windows = [{"rate": self.texts[i], "limit": limit, "seconds": seconds,
+                    "remaining": state.remaining[i], "reset_at": state.resets[i]}
+                   for i, (limit, seconds) in enumerate(self.windows)]
+        if state.denied >= 0:
+            i = state.denied
+            return denied(self.rule, f"{self.texts[i]} is used up for {key} "
+                          f"({resets_in(state.resets[i])})", 429, self.texts[i], key=key,
+                          windows=windows)
         left = "; ".join(f"{w['remaining']} of {w['rate']} left" for w in windows)
         return allowed(self.rule, f"{key}: {left}; this request would count 1 in each",
                        key=key, windows=windows)

@@ -278,7 +278,7 @@ async def cluster_ids(store: LinkageStore) -> dict[str, str] | None:
                                                       "linkage_carry_ids.lua"))
         try:
             # the common header's arguments, as the store passes them (they are unused)
-            flat = await script(keys=[store.base], args=store._args(0.0))
+            flat = await script(keys=[store.base], args=store.args(0.0))
         except RedisError as exc:
             raise StoreError(f"linkage store unavailable: {exc}") from exc
         text = [v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else str(v)

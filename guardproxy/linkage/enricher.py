@@ -44,7 +44,7 @@ from typing import Any
 from guardproxy.errors import StoreError
 from guardproxy.exchange import Exchange
 from guardproxy.guards.per import CLUSTER, CLUSTER_ERROR
-from guardproxy.linkage.api import LinkageStore
+from guardproxy.linkage.api import Cluster, LinkageStore
 from guardproxy.linkage.carry import MergeFeed
 from guardproxy.linkage.cohort import CoHeld
 from guardproxy.linkage.events import Event, log_event
@@ -53,6 +53,7 @@ from guardproxy.linkage.settings import LinkageSettings
 from guardproxy.linkage.similarity import PairFinder
 from guardproxy.policy.model import Policy
 from guardproxy.state import State
+from guardproxy.state.admission import RecordAsk
 
 log = logging.getLogger("guardproxy.linkage")
 
@@ -104,29 +105,50 @@ class LinkageEnricher:
 
     # -- the request path -------------------------------------------------
     async def enrich(self, exchange: Exchange) -> None:
+        """Record the request's evidence and put its cluster in ``exchange.notes`` (one
+        store call; the flow instead sends ``prepare``'s record in its admission batch)."""
+        ask = self.prepare(exchange)
+        if ask is None:
+            return
+        try:
+            cluster = await self.store.record(ask.account, list(ask.evidence), ask.now,
+                                              ask.pairs)
+        except StoreError as exc:
+            self.recorded(exchange, None, exc)
+        else:
+            self.recorded(exchange, cluster, None)
+
+    def prepare(self, exchange: Exchange) -> RecordAsk | None:
+        """What to record for this request (None: no account), read off the request
+        without awaiting; the pair finder is offered its prompt here."""
         account = exchange.account
         if account is None:
-            return
+            return None
         now = self.clock()
         evidence = observe(self.settings, account, exchange.client_ip, exchange.headers,
                            peer_trusted=exchange.peer_trusted)
-        try:
-            pairs = self.cohort.add(account.id, evidence, now) if self.cohort else []
-            cluster = await self.store.record(account.id, evidence, now, pairs)
-        except StoreError as exc:
+        pairs = self.cohort.add(account.id, evidence, now) if self.cohort else []
+        self._offer((account.id, prompt_text(exchange.json), now))
+        return RecordAsk(self.store, account.id, tuple(evidence), now, tuple(pairs))
+
+    def recorded(self, exchange: Exchange, cluster: Cluster | None,
+                 error: StoreError | None) -> None:
+        """The record's outcome: the cluster into ``exchange.notes``, or the error
+        (rules on the cluster then follow their ``on_store_error``)."""
+        if error is not None or cluster is None:
             self.counters.store_errors += 1
-            exchange.notes[CLUSTER_ERROR] = exc
+            exchange.notes.pop(CLUSTER, None)
+            exchange.notes[CLUSTER_ERROR] = error or StoreError("linkage not recorded")
             if not self._failing:
                 self._failing = True
                 log.warning("linkage store unavailable, rules on the cluster follow their "
-                            "on_store_error: %s", exc)
-        else:
-            self.counters.recorded += 1
-            exchange.notes[CLUSTER] = cluster
-            if self._failing:
-                self._failing = False
-                log.warning("linkage store available again")
-        self._offer((account.id, prompt_text(exchange.json), now))
+                            "on_store_error: %s", error)
+            return
+        self.counters.recorded += 1
+        exchange.notes[CLUSTER] = cluster
+        if self._failing:
+            self._failing = False
+            log.warning("linkage store available again")
 
     def _offer(self, item: Item) -> None:
         if self._closed:

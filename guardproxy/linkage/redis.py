@@ -55,6 +55,11 @@ def _script(*names: str) -> str:
                      .read_text("utf-8") for name in names)
 
 
+def cluster_of_reply(out: Sequence[Any]) -> Cluster:
+    """A ``cluster(account)`` reply (id, size, blocked 0/1) as a ``Cluster``."""
+    return Cluster(id=_text(out[0]), size=int(out[1]), linked_to_blocked=bool(out[2]))
+
+
 def _text(value: bytes | str) -> str:
     return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
 
@@ -76,7 +81,8 @@ class RedisLinkageStore:
         self.value_signals = {s.id for s in settings.signals if not s.pair} | {ORG}
         self.signals = {s.id for s in settings.signals}   # org is never pair evidence
         common = "linkage_common.lua"
-        self._record = client.register_script(_script(common, "linkage_record.lua"))
+        self._record = client.register_script(_script(common, "linkage_record.lua",
+                                                      "linkage_record_main.lua"))
         self._pairs = client.register_script(_script(common, "linkage_pairs.lua"))
         self._block = client.register_script(_script(common, "linkage_block.lua"))
         self._read = client.register_script(_script(common, "linkage_read.lua"))
@@ -86,18 +92,21 @@ class RedisLinkageStore:
             signals += [spec.id, repr(spec.weight), spec.fanout if not spec.pair else 0]
         self._signals = [len(settings.signals), *signals]
 
-    def _args(self, now: float, *rest: Any) -> list[Any]:
+    def args(self, now: float, *rest: Any) -> list[Any]:
+        """Every linkage script's arguments: the common ones (linkage_common.lua), then
+        ``rest``."""
         s = self.settings
         return [repr(float(now)), repr(float(s.window)), repr(float(s.threshold)), self.ttl,
                 s.max_values_per_account, *self._signals, *rest]
 
     async def _call(self, script: Any, now: float, *rest: Any) -> Any:
         try:
-            return await script(keys=[self.base], args=self._args(now, *rest))
+            return await script(keys=[self.base], args=self.args(now, *rest))
         except RedisError as exc:
             raise StoreError(f"linkage store unavailable: {exc}") from exc
 
-    def _events(self, flat: list[Any]) -> None:
+    def events(self, flat: list[Any]) -> None:
+        """Report the events a script returned (kind, JSON fields; flat)."""
         if self.on_event is None:
             return
         for i in range(0, len(flat) - 1, 2):
@@ -110,17 +119,24 @@ class RedisLinkageStore:
     # -- recording -------------------------------------------------------------
     async def record(self, account: str, evidence: list[Evidence], now: float,
                      pairs: Sequence[PairEvidence] = ()) -> Cluster:
+        out = await self._call(self._record, now, *self.record_args(account, evidence, pairs))
+        self.events(out[3:])
+        return cluster_of_reply(out)
+
+    def record_args(self, account: str, evidence: Sequence[Evidence],
+                    pairs: Sequence[PairEvidence] = ()) -> list[Any]:
+        """``record``'s script arguments after the common ones (``args``), as
+        ``record_request`` in linkage_record.lua reads them; admission batches send the
+        same (``state/admission_redis.py``)."""
         triples: list[str] = []
         for pair in pairs:
             if pair.signal in self.signals and pair.a != pair.b:
                 triples += [pair.a, pair.b, pair.signal]
-        args: list[Any] = [account, len(triples) // 3, *triples]
+        values: list[str] = []
         for ev in evidence:   # as LinkGraph: unknown and pair signals are ignored
             if ev.signal in self.value_signals:
-                args += [ev.signal, ev.digest]
-        out = await self._call(self._record, now, *args)
-        self._events(out[3:])
-        return Cluster(id=_text(out[0]), size=int(out[1]), linked_to_blocked=bool(out[2]))
+                values += [ev.signal, ev.digest]
+        return [account, len(triples) // 3, *triples, len(values) // 2, *values]
 
     async def record_pairs(self, pairs: Iterable[PairEvidence], now: float) -> None:
         args: list[str] = []
@@ -128,12 +144,11 @@ class RedisLinkageStore:
             if ev.signal in self.signals and ev.a != ev.b:
                 args += [ev.a, ev.b, ev.signal]
         if args:
-            self._events(await self._call(self._pairs, now, *args))
+            self.events(await self._call(self._pairs, now, *args))
 
     # -- reading -----------------------------------------------------------------
     async def cluster(self, account: str) -> Cluster:
-        out = await self._call(self._read, 0.0, "cluster", account)
-        return Cluster(id=_text(out[0]), size=int(out[1]), linked_to_blocked=bool(out[2]))
+        return cluster_of_reply(await self._call(self._read, 0.0, "cluster", account))
 
     async def members(self, account: str) -> list[str]:
         return sorted(_text(m) for m in await self._call(self._read, 0.0, "members", account))

@@ -5,9 +5,12 @@
     redis+cluster://h1:p1,h2:p2    Redis Cluster
     redis+sentinel://h:p/service   Redis Sentinel
 
-Quota counters live in a ``limits`` async storage; token budgets in a ``BudgetStore``
-(``state/budgets.py``) opened from the same URI. Settles that fail while the store is
-down go through ``State.settles`` (``state/retry.py``), which queues and retries them.
+A request's store work goes in one batch (``State.admission``, ``state/admission.py``):
+quota windows (the ``limits`` strategies, reimplemented to run in that batch and tested
+against ``limits`` itself), budget reservations and the linkage record. Budgets settle
+through a ``BudgetStore`` (``state/budgets.py``) on the same keys. Settles that fail
+while the store is down go through ``State.settles`` (``state/retry.py``), which queues
+and retries them.
 """
 
 from __future__ import annotations
@@ -16,10 +19,9 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from limits.aio.storage import Storage
-from limits.errors import ConfigurationError
-from limits.storage import storage_from_string
-
+from guardproxy.state.admission import AdmissionStore
+from guardproxy.state.admission_memory import MemoryAdmission
+from guardproxy.state.admission_redis import RedisAdmission
 from guardproxy.state.budgets import BudgetStore, MemoryBudgetStore, RedisBudgetStore
 from guardproxy.state.redis_client import redis_from_uri
 from guardproxy.state.retry import SettleRetry
@@ -45,7 +47,7 @@ def validate_uri(uri: str) -> None:
 class State:
     uri: str
     key_prefix: str
-    limits: Storage
+    admission: AdmissionStore
     budgets: BudgetStore
     redis: Any = None       # the redis-py asyncio client, when the state is Redis
     settles: SettleRetry = field(default_factory=SettleRetry)  # failed settles, retried
@@ -68,28 +70,19 @@ class State:
     async def aclose(self) -> None:
         await self.settles.aclose()  # its last attempts need the budget store still open
         await self.budgets.aclose()
-        bridge: Any = getattr(self.limits, "bridge", None)
-        close = getattr(getattr(bridge, "storage", None), "aclose", None)
-        if close is not None:
-            await close()
+        await self.admission.aclose()   # the Redis client closes with the budget store
 
 
 def open_state(uri: str, key_prefix: str = "guardproxy") -> State:
-    """Open the stores for a URI. Nothing connects yet: the first request does."""
-    options: dict[str, Any] = {}
-    budgets: BudgetStore = MemoryBudgetStore()
-    client = None
-    if scheme_of(uri) != "memory":
-        client = redis_from_uri(uri)
-        budgets = RedisBudgetStore(client, key_prefix)
-        # limits defaults to coredis; guardproxy ships redis-py only.
-        options = {"implementation": "redispy", "key_prefix": f"{key_prefix}:quota",
-                   "wrap_exceptions": True}
-        if scheme_of(uri) in ("redis", "rediss", "redis+unix"):
-            options["connection_pool"] = client.connection_pool  # one pool for both
-    try:
-        storage = storage_from_string(f"async+{uri}", **options)
-    except ConfigurationError as exc:
-        raise ValueError(f"cannot open state {uri!r}: {exc}") from exc
-    assert isinstance(storage, Storage)
-    return State(uri=uri, key_prefix=key_prefix, limits=storage, budgets=budgets, redis=client)
+    """Open the stores for a URI. Nothing connects yet: the first request does.
+    Raises ValueError for a URI that names no store."""
+    validate_uri(uri)
+    if scheme_of(uri) == "memory":
+        memory = MemoryBudgetStore()
+        return State(uri=uri, key_prefix=key_prefix, admission=MemoryAdmission(memory),
+                     budgets=memory)
+    client = redis_from_uri(uri)
+    budgets = RedisBudgetStore(client, key_prefix)
+    return State(uri=uri, key_prefix=key_prefix,
+                 admission=RedisAdmission(client, key_prefix, budgets), budgets=budgets,
+                 redis=client)

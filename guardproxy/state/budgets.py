@@ -95,6 +95,8 @@ class Settle:
 
 
 class BudgetStore(ABC):
+    new_lease_id: Callable[[], str]   # a fresh, unique lease id
+
     @abstractmethod
     async def reserve(self, subject: str, windows: tuple[Window, ...], amount: int,
                       ttl: float) -> Reservation: ...
@@ -178,6 +180,17 @@ class MemoryBudgetStore(BudgetStore):
                       ttl: float) -> Reservation:
         now = self.clock()
         self._sweep(now)
+        keys, resets, remaining = self.peek(subject, windows, now)
+        if any(left < amount for left in remaining):
+            return Reservation(False, amount, remaining, resets, None, now)
+        lease_id = self.hold(keys, resets, amount, now + ttl)
+        return Reservation(True, amount, [r - amount for r in remaining], resets, lease_id,
+                           now)
+
+    def peek(self, subject: str, windows: tuple[Window, ...],
+             now: float) -> tuple[list[str], list[float], list[int]]:
+        """The current window keys, resets and tokens left of ``subject`` (synchronous:
+        admission batches call it between other work without awaiting)."""
         keys, resets, remaining = [], [], []
         for w in windows:
             index, reset = w.bounds(now)
@@ -186,17 +199,27 @@ class MemoryBudgetStore(BudgetStore):
             keys.append(key)
             resets.append(reset)
             remaining.append(w.limit - used - reserved)
-        if any(left < amount for left in remaining):
-            return Reservation(False, amount, remaining, resets, None, now)
+        return keys, resets, remaining
+
+    def hold(self, keys: Sequence[str], resets: Sequence[float], amount: int,
+             deadline: float) -> str:
+        """Reserve ``amount`` in the windows ``peek`` gave; returns the lease id."""
         for key, reset in zip(keys, resets, strict=True):
             self.windows.setdefault(key, [0, 0])[1] += amount
             self.expiry[key] = reset + GRACE
         lease_id = self.new_lease_id()
-        self._hold(lease_id, ("r", amount, tuple(keys), now + ttl))
-        return Reservation(True, amount, [r - amount for r in remaining], resets, lease_id,
-                           now)
+        self._hold(lease_id, ("r", amount, tuple(keys), deadline))
+        return lease_id
+
+    def sweep(self, now: float) -> None:
+        """Reclaim the leases past their deadline (and now and then drop old windows)."""
+        self._sweep(now)
 
     async def settle(self, subject: str, lease_id: str, actual: int) -> bool:
+        return self.settle_now(lease_id, actual)
+
+    def settle_now(self, lease_id: str, actual: int) -> bool:
+        """``settle``, synchronously."""
         lease = self.leases.pop(lease_id, None)
         if lease is None:
             return False

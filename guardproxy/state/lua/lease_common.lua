@@ -25,7 +25,10 @@ local function reclaim(leases, deadlines, now, grace)
     if rec then state, held, list = lease_of(rec) end
     if state == 'r' then
       for key in string.gmatch(list, '[^,]+') do
-        if redis.call('EXISTS', key) == 1 then redis.call('HINCRBY', key, 'reserved', -held) end
+        -- held > 0: Lua writes -0 as "-0", which HINCRBY refuses
+        if held > 0 and redis.call('EXISTS', key) == 1 then
+          redis.call('HINCRBY', key, 'reserved', -held)
+        end
       end
       redis.call('HSET', leases, id, 'x:' .. held .. ':' .. list)
       redis.call('ZADD', deadlines, now + grace, id)
@@ -55,7 +58,7 @@ local function settle_lease(leases, deadlines, id, actual)
   for key in string.gmatch(list, '[^,]+') do
     if redis.call('EXISTS', key) == 1 then
       -- state x: an expired lease whose reservation was already reclaimed
-      if state == 'r' then redis.call('HINCRBY', key, 'reserved', -held) end
+      if state == 'r' and held > 0 then redis.call('HINCRBY', key, 'reserved', -held) end
       if actual > 0 then redis.call('HINCRBY', key, 'used', actual) end
     end
   end

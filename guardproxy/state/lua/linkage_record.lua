@@ -1,8 +1,6 @@
 -- record(account, evidence, now, pairs): one request's sightings, then its pair evidence
--- (co-held hot values, linkage/cohort.py), then the account's cluster.
--- ARGV[ARG] = account, ARGV[ARG+1] = n, then n (a, b, signal) triples, then (signal,
--- digest) pairs: org or a configured value signal.
--- Returns {cluster id, size, linked_to_blocked (0/1), event kind, event JSON, ...}.
+-- (co-held hot values, linkage/cohort.py), then the account's cluster. Functions only:
+-- linkage_record_main.lua (alone) and admit.lua (admission) call record_request.
 
 local function seq() return redis.call('INCR', SEQ) end
 
@@ -95,14 +93,19 @@ local function see(account, signal, digest)
   for _, other in ipairs(members) do share(account, other, signal, digest) end
 end
 
-local account = ARGV[ARG]
-local after = ARG + 2 + 3 * tonumber(ARGV[ARG + 1])
-for i = after, #ARGV, 2 do
-  see(account, ARGV[i], ARGV[i + 1])
+-- One request's record from ARGV[i]: account, n, n (a, b, signal) triples, m, then m
+-- (signal, digest) pairs. Returns the account's cluster {id, size, blocked} and the
+-- index after its arguments (admit.lua goes on reading there).
+local function record_request(i)
+  local account = ARGV[i]
+  local triples = i + 2
+  local values = triples + 3 * tonumber(ARGV[i + 1])
+  local after = values + 1 + 2 * tonumber(ARGV[values])
+  for j = values + 1, after - 1, 2 do
+    see(account, ARGV[j], ARGV[j + 1])
+  end
+  for j = triples, values - 1, 3 do
+    add_pair(ARGV[j], ARGV[j + 1], ARGV[j + 2])
+  end
+  return cluster(account), after
 end
-for i = ARG + 2, after - 1, 3 do
-  add_pair(ARGV[i], ARGV[i + 1], ARGV[i + 2])
-end
-local out = cluster(account)
-for _, e in ipairs(EVENTS) do out[#out + 1] = e end
-return out

@@ -1,0 +1,291 @@
+"""``AdmissionStore`` on Redis: a request's store work in one atomic script call.
+
+    admission = RedisAdmission(client, "guardproxy")
+    batch = await admission.admit(asks, record)      # ONE EVALSHA (admit.lua)
+
+The script is composed of the linkage record (linkage_common.lua, linkage_record.lua:
+when the batch records evidence on a Redis linkage store of this client), the lease
+helpers (lease_common.lua), the ``limits`` strategies (quota_windows.lua) and
+admit.lua, which judges the asks in order (see ``state/admission.py``). Budget keys
+and leases are ``RedisBudgetStore``'s, so settles, renewals and carries are unchanged.
+Quota keys are ``<prefix>:quota:{<rule>|<key>}:<strategy><seconds>``: one hash tag per
+rule and key, a window per length (a reload that changes a limit keeps its counts).
+
+Redis Cluster: the keys of one request live in several slots (its rules' tags, the
+linkage graph's). The record runs first, on its own (the cluster id names the keys of
+``per: cluster`` rules); then one script per slot, concurrently, each judging its own
+asks; when one slot denies, what the others counted is given back (``_undo``), so a
+denied request costs one more round of calls there. Every time is the store's clock
+(TIME), unless ``clock`` is given (tests drive the windows with it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from importlib import resources
+from typing import Any
+
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
+from redis.exceptions import RedisError
+
+from guardproxy.errors import StoreError
+from guardproxy.linkage.api import Cluster
+from guardproxy.state.admission import (
+    ALLOWED,
+    DENIED,
+    NOT_JUDGED,
+    AdmissionStore,
+    Ask,
+    Batch,
+    BudgetAsk,
+    GateAsk,
+    QuotaAsk,
+    RecordAsk,
+    Refusal,
+    Result,
+    Template,
+    judge_gate,
+    render,
+)
+from guardproxy.state.budgets import GRACE, RedisBudgetStore, Settle
+
+
+def _lua(*names: str) -> str:
+    return "\n".join(resources.files("guardproxy.state").joinpath(f"lua/{name}")
+                     .read_text("utf-8") for name in names)
+
+
+def admit_script(*, recording: bool) -> str:
+    """admit.lua with what it needs prepended (module docstring); ``recording``: the
+    variant that records linkage evidence first."""
+    windows = _lua("lease_common.lua", "quota_windows.lua")
+    if not recording:
+        return f"{windows}\nlocal CLUSTER, A = nil, 1\nlocal EVENTS = {{}}\n{_lua('admit.lua')}"
+    return (f"{_lua('linkage_common.lua', 'linkage_record.lua')}\n{windows}\n"
+            f"local CLUSTER, A = record_request(ARG)\n{_lua('admit.lua')}")
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
+
+
+class RedisAdmission(AdmissionStore):
+    def __init__(self, client: Any, prefix: str, budgets: RedisBudgetStore,
+                 clock: Callable[[], float] | None = None) -> None:
+        self.client = client
+        self.budgets = budgets
+        self.prefix = prefix
+        self.clock = clock
+        self.sharded = isinstance(client, RedisCluster)
+        self._plain = client.register_script(admit_script(recording=False))
+        self._recording = client.register_script(admit_script(recording=True))
+        self._ops = client.register_script(_lua("quota_windows.lua", "quota_ops.lua"))
+
+    # -- keys ---------------------------------------------------------------------
+    def quota_tag(self, ask: QuotaAsk) -> Template:
+        return _wrapped(ask.key, f"{self.prefix}:quota:{{{ask.rule}|", "}")
+
+    def budget_tag(self, ask: BudgetAsk) -> Template:
+        return _wrapped(ask.subject, f"{self.prefix}:budget:{{", "}")
+
+    def _now(self) -> str:
+        return repr(float(self.clock())) if self.clock is not None else ""
+
+    # -- admission ----------------------------------------------------------------
+    async def admit(self, asks: Sequence[Ask], record: RecordAsk | None = None) -> Batch:
+        inline = record is not None and getattr(record.store, "client", None) is self.client
+        if self.sharded or (record is not None and not inline):
+            return await self._admit_apart(asks, record)
+        args: list[Any] = []
+        keys: list[str]
+        if record is not None:
+            store = record.store
+            script, keys = self._recording, [store.base]
+            args = store.args(record.now, *store.record_args(
+                record.account, record.evidence, record.pairs))
+        else:
+            script, keys = self._plain, [self._first_key(asks)]
+        args += self._args(asks)
+        try:
+            reply = await script(keys=keys, args=args)
+        except RedisError as exc:
+            raise StoreError(f"admission store unavailable: {exc}") from exc
+        cluster = None
+        if record is not None and reply[2]:
+            record.store.events(reply[3])
+            raw = reply[2]
+            cluster = Cluster(id=_text(raw[0]), size=int(raw[1]), linked_to_blocked=bool(raw[2]))
+        return self._batch(asks, reply, cluster)
+
+    def _first_key(self, asks: Sequence[Ask]) -> str:
+        for ask in asks:   # routes the call (Cluster): a key of the batch's one slot
+            if isinstance(ask, QuotaAsk):
+                return render(self.quota_tag(ask), "")
+            if isinstance(ask, BudgetAsk):
+                return render(self.budget_tag(ask), "")
+        return f"{self.prefix}:admit"
+
+    def _args(self, asks: Sequence[Ask]) -> list[Any]:
+        args: list[Any] = [self._now(), repr(GRACE), len(asks)]
+        for ask in asks:
+            shadow = 1 if ask.shadow else 0
+            if isinstance(ask, QuotaAsk):
+                tag = self.quota_tag(ask)
+                args += ["q", shadow, ask.strategy, len(tag), *tag, len(ask.windows)]
+                for limit, seconds in ask.windows:
+                    args += [limit, seconds]
+            elif isinstance(ask, BudgetAsk):
+                tag = self.budget_tag(ask)
+                args += ["b", shadow, len(tag), *tag, ask.lease_id, 1 if ask.generates else 0,
+                         repr(ask.prompt_weight), ask.prompt, repr(ask.completion_weight),
+                         ask.copies, ask.cap, 1 if ask.clamp else 0, ask.min_tokens,
+                         repr(float(ask.ttl)), len(ask.windows)]
+                for w in ask.windows:
+                    args += [w.limit, w.seconds]
+            elif isinstance(ask, GateAsk):
+                args += ["g", shadow, ask.max_accounts or 0, 1 if ask.blocked else 0]
+            else:
+                args += ["x", 0]
+        return args
+
+    def _batch(self, asks: Sequence[Ask], reply: list[Any], cluster: Cluster | None) -> Batch:
+        now = float(_text(reply[0])) + int(reply[1]) / 1e6
+        results: list[Result] = []
+        stopped = False
+        for ask, raw in zip(asks, reply[4], strict=True):
+            status = int(raw[0])
+            if status < 0:
+                results.append(NOT_JUDGED)
+                continue
+            stopped = stopped or (status == DENIED and not ask.shadow)
+            if isinstance(ask, QuotaAsk):
+                n = len(ask.windows)
+                results.append(Result(status, denied=int(raw[1]) - 1,
+                                      remaining=tuple(int(x) for x in raw[2:2 + n]),
+                                      resets=tuple(float(_text(x)) for x in raw[2 + n:])))
+            elif isinstance(ask, BudgetAsk):
+                n = len(ask.windows)
+                results.append(Result(status, amount=int(raw[1]), cap=int(raw[2]),
+                                      remaining=tuple(int(x) for x in raw[3:3 + n]),
+                                      resets=tuple(float(_text(x)) for x in raw[3 + n:]),
+                                      lease_id=ask.lease_id if status == ALLOWED else None))
+            else:
+                results.append(Result(status))
+        if stopped:   # the script gave every lease back
+            for result in results:
+                result.lease_id = None
+        return Batch(now, cluster, results, stopped)
+
+    async def _admit_apart(self, asks: Sequence[Ask], record: RecordAsk | None) -> Batch:
+        """Redis Cluster (or a linkage store elsewhere): the record first, then one
+        script per slot, concurrently; a denial in one slot undoes the others."""
+        cluster = None
+        if record is not None:
+            try:
+                cluster = await record.store.record(record.account, list(record.evidence),
+                                                    record.now, record.pairs)
+            except RedisError as exc:
+                raise StoreError(f"admission store unavailable: {exc}") from exc
+        cid = cluster.id if cluster is not None else ""
+        resolved: list[Ask] = [_resolved(ask, cid) for ask in asks]
+        groups: dict[int, list[int]] = {}
+        for i, ask in enumerate(resolved):
+            if isinstance(ask, QuotaAsk | BudgetAsk):
+                groups.setdefault(key_slot(self._first_key([ask]).encode()), []).append(i)
+        try:
+            replies = await asyncio.gather(*(
+                self._plain(keys=[self._first_key([resolved[i] for i in idx])],
+                            args=self._args([resolved[i] for i in idx]))
+                for idx in groups.values()))
+        except RedisError as exc:
+            raise StoreError(f"admission store unavailable: {exc}") from exc
+        results: list[Result] = [NOT_JUDGED] * len(asks)
+        now = 0.0
+        for idx, reply in zip(groups.values(), replies, strict=True):
+            part = self._batch([resolved[i] for i in idx], reply, None)
+            now = max(now, part.now)
+            for i, result in zip(idx, part.results, strict=True):
+                results[i] = result
+        for i, ask in enumerate(resolved):
+            if isinstance(ask, GateAsk):
+                results[i] = judge_gate(ask, cluster)
+            elif isinstance(ask, Refusal):
+                results[i] = Result(DENIED)
+        first = next((i for i, (a, r) in enumerate(zip(resolved, results, strict=True))
+                      if r.status == DENIED and not a.shadow), None)
+        if first is not None:
+            await self._undo(resolved, results)
+            results = [r if i <= first else NOT_JUDGED for i, r in enumerate(results)]
+            for result in results:
+                result.lease_id = None
+        return Batch(now, cluster, results, first is not None)
+
+    async def _undo(self, asks: Sequence[Ask], results: Sequence[Result]) -> None:
+        """Give back what the slots that allowed counted: leases released; quota hits
+        stay counted (conservative: a retried request may be refused early)."""
+        settles = [Settle(render(a.subject, ""), r.lease_id, 0)
+                   for a, r in zip(asks, results, strict=True)
+                   if isinstance(a, BudgetAsk) and r.lease_id is not None]
+        if settles:
+            await self.budgets.settle_many(settles)
+
+    # -- outside admission ------------------------------------------------------------
+    async def quota_state(self, ask: QuotaAsk, cluster_id: str = "") -> Result:
+        tag = render(self.quota_tag(ask), cluster_id)
+        args: list[Any] = ["state", self._now(), ask.strategy, len(ask.windows)]
+        for limit, seconds in ask.windows:
+            args += [limit, seconds]
+        try:
+            raw = await self._ops(keys=[tag], args=args)
+        except RedisError as exc:
+            raise StoreError(f"quota store unavailable: {exc}") from exc
+        n = len(ask.windows)
+        remaining = tuple(int(x) for x in raw[:n])
+        denied = next((i for i, left in enumerate(remaining) if left < 1), -1)
+        return Result(ALLOWED if denied < 0 else DENIED, denied=denied, remaining=remaining,
+                      resets=tuple(float(_text(x)) for x in raw[n:]))
+
+    async def carry_quota(self, ask: QuotaAsk, moves: Sequence[tuple[str, str]]) -> int:
+        if ask.strategy not in ("f", "s"):
+            return 0
+        added = 0
+        try:
+            for source, target in moves:
+                if source == target:
+                    continue
+                src = render(self.quota_tag(_keyed(ask, source)), "")
+                dst = render(self.quota_tag(_keyed(ask, target)), "")
+                for _, seconds in ask.windows:
+                    count = int(await self._ops(keys=[src], args=[
+                        "count", self._now(), ask.strategy, seconds]))
+                    if count <= 0:
+                        continue
+                    added += int(await self._ops(keys=[dst], args=[
+                        "add", self._now(), ask.strategy, seconds, count,
+                        f"{seconds}:{len(source)}:{source}", seconds]))
+        except RedisError as exc:
+            raise StoreError(f"quota store unavailable: {exc}") from exc
+        return added
+
+
+def _wrapped(template: Template, head: str, tail: str) -> Template:
+    if len(template) == 1:
+        return (head + template[0] + tail,)
+    return (head + template[0], *template[1:-1], template[-1] + tail)
+
+
+def _keyed(ask: QuotaAsk, key: str) -> QuotaAsk:
+    return QuotaAsk(ask.rule, ask.shadow, ask.strategy, (key,), ask.windows)
+
+
+def _resolved(ask: Ask, cluster_id: str) -> Ask:
+    """``ask`` with its key rendered for ``cluster_id`` (one-part templates)."""
+    if isinstance(ask, QuotaAsk):
+        return QuotaAsk(ask.rule, ask.shadow, ask.strategy, (render(ask.key, cluster_id),),
+                        ask.windows)
+    if isinstance(ask, BudgetAsk):
+        return replace(ask, subject=(render(ask.subject, cluster_id),))
+    return ask
