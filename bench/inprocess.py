@@ -23,7 +23,7 @@ from bench import payloads, policies
 from guardproxy import GuardMiddleware
 
 VARIANTS = ("guardproxy-norules", "guardproxy-budget", "guardproxy-canary",
-            "guardproxy-default-lifted")
+            "guardproxy-default-lifted", "guardproxy-full")
 _ANSWER = json.dumps({
     "id": "c", "object": "chat.completion", "created": 0, "model": payloads.MODEL,
     "choices": [{"index": 0, "finish_reason": "stop", "message": {

@@ -65,6 +65,7 @@ class Variant:
     state: str  # "memory" or "redis"
     rules: str
     lift_quotas: bool = False
+    full: bool = False   # + a canary rule (ledger in the state) and account linkage
     description: str = ""
 
 
@@ -80,6 +81,12 @@ VARIANTS: dict[str, Variant] = {
     "guardproxy-default-redis-lifted": Variant("redis", "default", lift_quotas=True,
                                                description="default rules, quota counts "
                                                            "lifted, redis state"),
+    # issue 12's targets: the default rules (lifted) + a canary rule + linkage
+    "guardproxy-full": Variant("memory", "default", lift_quotas=True, full=True,
+                               description="default rules lifted + canary + linkage, memory"),
+    "guardproxy-full-redis": Variant("redis", "default", lift_quotas=True, full=True,
+                                     description="default rules lifted + canary + linkage, "
+                                                 "redis"),
     "guardproxy-budget": Variant("memory", "budget",
                                  description="one token budget (never exhausted), memory"),
     "guardproxy-budget-redis": Variant("redis", "budget",
@@ -93,6 +100,17 @@ NAMED_RULES = {
     "budget": "rules:\n  - name: tokens\n    budget: 1000000000/day\n    per: account\n",
     "canary": "rules:\n  - name: marks\n    canary: {secret: bench-canary-secret-0123456789}\n",
 }
+
+
+FULL_CANARY = {"name": "marks", "canary": {"secret": "bench-canary-secret-0123456789",
+                                           "ledger": {"store": "state"}}}
+FULL_LINKAGE = """\
+linkage:
+  secret: bench-linkage-secret-0123456789
+  signals:
+    - {ip: /24, weight: 0.5, max_fanout: 50}
+    - {header: user-agent, weight: 0.2, max_fanout: 50}
+"""
 
 
 def default_rules(path: Path = DEFAULT_POLICY) -> list[Any] | None:
@@ -130,9 +148,12 @@ def rules_block(variant: Variant) -> tuple[str, list[str]]:
     if variant.lift_quotas:
         rules = [{k: lift_quota(v) if k in LIFTED_KEYS else v for k, v in r.items()}
                  if isinstance(r, dict) else r for r in rules]
+    if variant.full:
+        rules = [*rules, FULL_CANARY]
     if not rules:
         return "rules: []", notes
-    return yaml.safe_dump({"rules": rules}, sort_keys=False, default_flow_style=None), notes
+    block = yaml.safe_dump({"rules": rules}, sort_keys=False, default_flow_style=None)
+    return (FULL_LINKAGE + block if variant.full else block), notes
 
 
 def serve_args(policy: Path, port: int) -> list[str]:

@@ -56,7 +56,7 @@ async def stores(redis_prefix: tuple[str, str]) -> AsyncIterator[tuple[Any, ...]
     budgets = RedisBudgetStore(client, prefix)
     memory_budgets = MemoryBudgetStore(clock)
     yield (MemoryAdmission(memory_budgets, clock), memory_budgets,
-           RedisAdmission(client, prefix, budgets, clock), budgets, clock)
+           RedisAdmission(client, prefix, clock), budgets, clock)
     await client.aclose()
 
 
@@ -158,7 +158,7 @@ async def test_cluster_keys_take_the_id_the_same_call_recorded(
         SignalSpec(id="attribute:payment", kind="attribute", weight=1.0, max_fanout=5,
                    name="payment"),))
     store = RedisLinkageStore(client, prefix, settings, on_event=None)
-    admission = RedisAdmission(client, prefix, RedisBudgetStore(client, prefix))
+    admission = RedisAdmission(client, prefix)
     odd = "a|b%c"   # an account id that must be escaped inside a key
     card = [Evidence("attribute:payment", "d1")]
     ask = QuotaAsk("q", False, "f", ("cluster=", ""), ((10, 60),))

@@ -229,6 +229,8 @@ async def test_on_a_cluster_one_call_per_slot_sent_concurrently() -> None:
         await asyncio.wait_for(both.wait(), 5)  # every call is in flight at once
         return [int(a != "gone") for a in args[::2]]
 
+    script.sha = "fake"   # type: ignore[attr-defined]
+    store._loaded.add("fake")   # loaded on every primary already
     store._settle_many = script
     items = [Settle("acct|alice", "l1", 5), Settle("org|acme", "l2", 6),
              Settle("acct|alice", "gone", 7), Settle("acct|bob", "l3", 8)]

@@ -84,5 +84,5 @@ def open_state(uri: str, key_prefix: str = "guardproxy") -> State:
     client = redis_from_uri(uri)
     budgets = RedisBudgetStore(client, key_prefix)
     return State(uri=uri, key_prefix=key_prefix,
-                 admission=RedisAdmission(client, key_prefix, budgets), budgets=budgets,
+                 admission=RedisAdmission(client, key_prefix), budgets=budgets,
                  redis=client)

@@ -22,6 +22,7 @@ denied request costs one more round of calls there. Every time is the store's cl
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from importlib import resources
@@ -50,7 +51,10 @@ from guardproxy.state.admission import (
     judge_gate,
     render,
 )
-from guardproxy.state.budgets import GRACE, RedisBudgetStore, Settle
+from guardproxy.state.budgets import GRACE
+from guardproxy.state.redis_client import preload
+
+log = logging.getLogger("guardproxy.admission")
 
 
 def _lua(*names: str) -> str:
@@ -73,16 +77,18 @@ def _text(value: bytes | str) -> str:
 
 
 class RedisAdmission(AdmissionStore):
-    def __init__(self, client: Any, prefix: str, budgets: RedisBudgetStore,
+    def __init__(self, client: Any, prefix: str,
                  clock: Callable[[], float] | None = None) -> None:
         self.client = client
-        self.budgets = budgets
         self.prefix = prefix
         self.clock = clock
         self.sharded = isinstance(client, RedisCluster)
         self._plain = client.register_script(admit_script(recording=False))
         self._recording = client.register_script(admit_script(recording=True))
         self._ops = client.register_script(_lua("quota_windows.lua", "quota_ops.lua"))
+        self._loaded: set[str] = set()   # scripts loaded on every primary (Cluster)
+        self._undo_script = client.register_script(
+            _lua("lease_common.lua", "quota_windows.lua", "admit_undo.lua"))
 
     # -- keys ---------------------------------------------------------------------
     def quota_tag(self, ask: QuotaAsk) -> Template:
@@ -191,6 +197,10 @@ class RedisAdmission(AdmissionStore):
                 raise StoreError(f"admission store unavailable: {exc}") from exc
         cid = cluster.id if cluster is not None else ""
         resolved: list[Ask] = [_resolved(ask, cid) for ask in asks]
+        try:
+            await preload(self.client, [self._plain, self._undo_script], self._loaded)
+        except RedisError as exc:
+            raise StoreError(f"admission store unavailable: {exc}") from exc
         groups: dict[int, list[int]] = {}
         for i, ask in enumerate(resolved):
             if isinstance(ask, QuotaAsk | BudgetAsk):
@@ -203,10 +213,10 @@ class RedisAdmission(AdmissionStore):
         except RedisError as exc:
             raise StoreError(f"admission store unavailable: {exc}") from exc
         results: list[Result] = [NOT_JUDGED] * len(asks)
-        now = 0.0
+        parts: list[tuple[list[int], Batch]] = []
         for idx, reply in zip(groups.values(), replies, strict=True):
             part = self._batch([resolved[i] for i in idx], reply, None)
-            now = max(now, part.now)
+            parts.append((idx, part))
             for i, result in zip(idx, part.results, strict=True):
                 results[i] = result
         for i, ask in enumerate(resolved):
@@ -214,23 +224,44 @@ class RedisAdmission(AdmissionStore):
                 results[i] = judge_gate(ask, cluster)
             elif isinstance(ask, Refusal):
                 results[i] = Result(DENIED)
+        now = max((part.now for _, part in parts), default=0.0)
         first = next((i for i, (a, r) in enumerate(zip(resolved, results, strict=True))
                       if r.status == DENIED and not a.shadow), None)
-        if first is not None:
-            await self._undo(resolved, results)
-            results = [r if i <= first else NOT_JUDGED for i, r in enumerate(results)]
-            for result in results:
-                result.lease_id = None
-        return Batch(now, cluster, results, first is not None)
+        if first is None:
+            return Batch(now, cluster, results, False)
+        await self._undo(resolved, parts)
+        results = [r if i <= first else NOT_JUDGED for i, r in enumerate(results)]
+        for result in results:
+            result.lease_id = None
+        return Batch(now, cluster, results, True)
 
-    async def _undo(self, asks: Sequence[Ask], results: Sequence[Result]) -> None:
-        """Give back what the slots that allowed counted: leases released; quota hits
-        stay counted (conservative: a retried request may be refused early)."""
-        settles = [Settle(render(a.subject, ""), r.lease_id, 0)
-                   for a, r in zip(asks, results, strict=True)
-                   if isinstance(a, BudgetAsk) and r.lease_id is not None]
-        if settles:
-            await self.budgets.settle_many(settles)
+    async def _undo(self, asks: Sequence[Ask], parts: list[tuple[list[int], Batch]]) -> None:
+        """Give back what the slots that allowed the request counted and reserved: one
+        call per such slot, concurrently. Best effort: a slot that fails keeps its hits
+        (stricter, never looser) and its leases until their TTL reclaims them."""
+        calls = []
+        for idx, part in parts:
+            if part.stopped:   # its own script gave everything back
+                continue
+            quotas: list[Any] = []
+            leases: list[Any] = []
+            for i, result in zip(idx, part.results, strict=True):
+                ask = asks[i]
+                if isinstance(ask, QuotaAsk) and result.allowed:
+                    quotas += [ask.strategy, render(self.quota_tag(ask), ""),
+                               len(ask.windows), *(seconds for _, seconds in ask.windows)]
+                elif isinstance(ask, BudgetAsk) and result.lease_id is not None:
+                    tag = render(self.budget_tag(ask), "")
+                    leases += [f"{tag}:leases", f"{tag}:deadlines", result.lease_id]
+            if quotas or leases:
+                n = sum(1 for i, r in zip(idx, part.results, strict=True)
+                        if isinstance(asks[i], QuotaAsk) and r.allowed)
+                calls.append(self._undo_script(
+                    keys=[self._first_key([asks[i] for i in idx])],
+                    args=[repr(part.now), n, *quotas, *leases]))
+        for outcome in await asyncio.gather(*calls, return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                log.warning("giving back a denied request's counts failed: %s", outcome)
 
     # -- outside admission ------------------------------------------------------------
     async def quota_state(self, ask: QuotaAsk, cluster_id: str = "") -> Result:

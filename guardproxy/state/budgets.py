@@ -38,6 +38,7 @@ from redis.exceptions import RedisError
 
 from guardproxy.errors import StoreError
 from guardproxy.ids import IdSource
+from guardproxy.state.redis_client import preload
 
 GRACE = 3600.0  # how long an expired lease is remembered, so a late settle still charges
 
@@ -297,6 +298,7 @@ class RedisBudgetStore(BudgetStore):
         self._renew = client.register_script(_script("lease_renew.lua"))
         self._carry = client.register_script(_script("lease_common.lua", "budget_carry.lua"))
         self.new_lease_id = IdSource()
+        self._loaded: set[str] = set()   # scripts loaded on every primary (Cluster)
 
     def _tag(self, subject: str) -> str:
         # one hash tag per subject: all its keys live in one Redis Cluster slot
@@ -340,6 +342,11 @@ class RedisBudgetStore(BudgetStore):
             slot = key_slot(self._tag(item.subject).encode()) if cluster else 0
             groups.setdefault(slot, []).append(n)
         parts = list(groups.values())
+        if len(parts) > 1:
+            try:
+                await preload(self.client, [self._settle_many], self._loaded)
+            except RedisError as exc:
+                raise StoreError(f"budget store unavailable: {exc}") from exc
         replies = await asyncio.gather(*(self._settle_part([items[n] for n in part])
                                          for part in parts), return_exceptions=True)
         out = [False] * len(items)

@@ -44,3 +44,13 @@ def redis_from_uri(uri: str) -> Any:
         db = int(path[1]) if len(path) > 1 else 0
         return sentinel.master_for(path[0], db=db)
     raise ValueError(f"not a Redis URI: {uri!r}")
+
+
+async def preload(client: Any, scripts: list[Any], loaded: set[str]) -> None:
+    """Load ``scripts`` (redis-py Script objects) on every primary once, before calls
+    sent concurrently: on Redis Cluster, concurrent first calls that all miss the
+    script and all reload it can break a connection (seen with redis-py 8.1)."""
+    for script in scripts:
+        if script.sha not in loaded:
+            await client.script_load(script.script)
+            loaded.add(script.sha)

@@ -174,3 +174,24 @@ local function window_hit(strategy, key, limit, seconds, now, amount)
   if extra > 0 then redis.call('ZREMRANGEBYRANK', key, 0, extra - 1) end
   qw_gc(key, seconds)
 end
+
+-- Take back `amount` hits counted at `at` (Redis Cluster: a request another slot denied
+-- after this one counted it). Never below zero; a window that closed since keeps nothing
+-- to take back.
+local function window_unhit(strategy, key, seconds, at, amount)
+  if strategy == 'f' then
+    local v = redis.call('HMGET', key, 'c', 'x')
+    local count, closes = tonumber(v[1]) or 0, tonumber(v[2])
+    if closes and closes > at and count > 0 then
+      redis.call('HSET', key, 'c', math.max(0, count - amount))
+    end
+  elseif strategy == 's' then
+    local field = 'c' .. qw_fmt(qw_int(at / seconds))
+    local count = tonumber(redis.call('HGET', key, field) or '0')
+    if count > 0 then redis.call('HSET', key, field, math.max(0, count - amount)) end
+  elseif strategy == 'm' then
+    local t = qw_fmt(at)
+    local mine = redis.call('ZREVRANGEBYSCORE', key, t, t, 'LIMIT', 0, amount)
+    if #mine > 0 then redis.call('ZREM', key, unpack(mine)) end
+  end
+end
