@@ -37,7 +37,8 @@ from guardproxy.state.admission import (
 )
 from guardproxy.state.admission_memory import MemoryAdmission
 from guardproxy.state.admission_redis import RedisAdmission
-from guardproxy.state.budgets import MemoryBudgetStore, RedisBudgetStore, Settle, Window
+from guardproxy.state.budgets import MemoryBudgetStore, Settle, Window
+from guardproxy.state.budgets_redis import RedisBudgetStore
 
 
 class Clock:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import httpx
 
-from guardproxy.state.budgets import RedisBudgetStore, Window
+from guardproxy.state.budgets import Window
+from guardproxy.state.budgets_redis import RedisBudgetStore
 from guardproxy.state.redis_client import redis_from_uri
 from guardproxy.tokens import estimate_prompt
 from tests.conftest import write_policy

@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from guardproxy.state.budgets import BudgetStore, MemoryBudgetStore, RedisBudgetStore, Window
+from guardproxy.state.budgets import BudgetStore, MemoryBudgetStore, Window
+from guardproxy.state.budgets_redis import RedisBudgetStore
 from guardproxy.state.redis_client import redis_from_uri
 
 DAY = Window(limit=1000, seconds=86400)

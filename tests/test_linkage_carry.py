@@ -24,13 +24,8 @@ from guardproxy.linkage.settings import LinkageSettings
 from guardproxy.linkage.similarity import PairFinder
 from guardproxy.policy.load import load_policy
 from guardproxy.policy.model import Account
-from guardproxy.state.budgets import (
-    BudgetStore,
-    Carry,
-    MemoryBudgetStore,
-    RedisBudgetStore,
-    Window,
-)
+from guardproxy.state.budgets import BudgetStore, Carry, MemoryBudgetStore, Window
+from guardproxy.state.budgets_redis import RedisBudgetStore
 from guardproxy.state.redis_client import redis_from_uri
 from tests.redis_topologies import redis_cluster
 from tests.test_budget import usage_app

@@ -28,14 +28,8 @@ from guardproxy.app import create_app
 from guardproxy.errors import StoreError
 from guardproxy.fake_model import create_fake_app
 from guardproxy.state.admission_redis import admit_script
-from guardproxy.state.budgets import (
-    BudgetStore,
-    MemoryBudgetStore,
-    RedisBudgetStore,
-    Settle,
-    Window,
-    _script,
-)
+from guardproxy.state.budgets import BudgetStore, MemoryBudgetStore, Settle, Window
+from guardproxy.state.budgets_redis import RedisBudgetStore, _script
 from guardproxy.state.retry import PendingSettle, SettleRetry
 from tests.conftest import write_policy
 from tests.redis_monitor import monitored, names

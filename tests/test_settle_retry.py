@@ -31,7 +31,8 @@ from redis.backoff import NoBackoff
 
 from guardproxy.errors import StoreError
 from guardproxy.state import open_state
-from guardproxy.state.budgets import MemoryBudgetStore, RedisBudgetStore, Window
+from guardproxy.state.budgets import MemoryBudgetStore, Window
+from guardproxy.state.budgets_redis import RedisBudgetStore
 from guardproxy.state.retry import SettleRetry
 from tests.procs import free_port
 from tests.redis_topologies import _base, _need_redis_server, _wait

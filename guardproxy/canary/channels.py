@@ -98,9 +98,17 @@ class Channels:
         lead, em_open, core, inner, em_close, trail = match.groups()
         lower = core.lower()
         entry = INDEX.get(lower)
+        apostrophes = "'" in core or "\u2019" in core
+        if entry is None and not apostrophes and not em_open and not em_close \
+                and lower not in contractions.AUX and lower != "cannot":
+            # the common word (no pair, apostrophe, emphasis or contraction): no slot,
+            # as the general case below finds
+            unit = Unit(chunk, True, f"{h0}\x1f{h1}\x1f{lower}".encode(), None, zw)
+            unit.prose = prose
+            return (lower,), unit
         split: tuple[str, str] | None = None
         tokens: tuple[str, ...]
-        if "'" in core or "\u2019" in core:
+        if apostrophes:
             self.apostrophe = "\u2019" if "\u2019" in core else "'"
             split = contractions.history(lower)
             tokens = split or (lower.replace("'", "").replace("\u2019", ""),)
@@ -110,7 +118,7 @@ class Channels:
         else:
             tokens = (f"#{entry[0]}",) if entry else (lower,)
         context = f"{h0}\x1f{h1}\x1f{' '.join(tokens)}"
-        unit = Unit(chunk, word=True, context=context.encode(), zw=zw)
+        unit = Unit(chunk, True, context.encode(), None, zw)   # positional: made per word
         # spans are in ``clean``: a chunk with invisible characters (``zw``) is read, for
         # detection, but never rewritten (see Marker)
         start = len(lead) + len(em_open or "")
@@ -125,22 +133,21 @@ class Channels:
                 slot.style = self.style
             unit.slots = [slot] if slot else self.apostrophes(core, start) or None
             return tokens, unit
-        if not (em_open or inner or em_close or trail):
+        if not (em_open or inner or em_close or trail) and lower in contractions.AUX:
             unit.pending = contractions.two_word(core, start, h0, h1, sentence=sentence,
                                                  apostrophe=self.apostrophe)
             if unit.pending is not None:
                 unit.pending.style = self.style
         slots: list[Slot] = []
+        case = _case(core, sentence)
         if entry is not None and not (entry[0] in ARTICLE_SENSITIVE and h1 in _ARTICLES) \
-                and h1 not in _DETERMINED:   # "a somebody" is a noun
-            case = _case(core, sentence)
-            if case is not None:
-                a, b = PAIRS[entry[0]]
-                slots.append(Slot(LEXICAL, start, start + len(core), entry[1],
-                                  (case(a), case(b)), unit.context, pair=entry[0]))
-                unit.pair, unit.member = entry[0], entry[1]
+                and h1 not in _DETERMINED and case is not None:   # "a somebody" is a noun
+            a, b = PAIRS[entry[0]]
+            slots.append(Slot(LEXICAL, start, start + len(core), entry[1],
+                              (case(a), case(b)), unit.context, pair=entry[0]))
+            unit.pair, unit.member = entry[0], entry[1]
         at = -1
-        if _case(core, sentence) is None and not core.startswith(("I'", "I\u2019")):
+        if case is None and not core.startswith(("I'", "I\u2019")):
             # a name inside a sentence (the pronoun "I'd" is none): O'Brien keeps its
             # apostrophe, but a possessive ("Maya's") keeps to the paragraph's style
             if core[-2:-1] in _APOSTROPHES and core[-1:] == "s":
@@ -149,7 +156,7 @@ class Channels:
                                   leader=self.style))
             unit.slots = slots or None
             return tokens, unit
-        for k in range(core.count("'") + core.count("\u2019")):
+        for k in range(core.count("'") + core.count("\u2019") if apostrophes else 0):
             at = min(i for i in (core.find("'", at + 1), core.find("\u2019", at + 1)) if i >= 0)
             member = _APOSTROPHES.index(core[at])
             if self.styled:   # one style per paragraph: a mix would show

@@ -33,6 +33,7 @@ _AUX = {"is": "isn't", "are": "aren't", "was": "wasn't", "were": "weren't",
         "have": "haven't", "had": "hadn't", "would": "wouldn't", "should": "shouldn't",
         "could": "couldn't", "will": "won't"}
 _CONTRACTED = {v: k for k, v in _AUX.items()} | {"can't": "can"}
+AUX = frozenset(_AUX)   # the only words ``two_word`` makes a slot of (lower-cased)
 NOT = re.compile(r"not([.,;:!?]{0,3}\)?[.,;:!?]{0,3})")
 SUBJECTS = frozenset({"i", "you", "he", "she", "it", "we", "they", "there", "that", "this",
                       "these", "those", "one"})

@@ -51,7 +51,9 @@ class Marker:
 
     def feed(self, text: str) -> str:
         units = self.scanner.feed(text)
-        return "".join([self._render(u) for u in units]) if units else ""
+        # a unit that is no word and has no slot (whitespace) renders as its text
+        return "".join([u.text if u.slots is None and not u.word else self._render(u)
+                        for u in units]) if units else ""
 
     def flush(self) -> str:
         return "".join(self._render(u) for u in self.scanner.flush())

@@ -17,7 +17,7 @@ import re
 PROSE = re.compile("([(\"\u201c\u2018]{0,2})(\\*{1,2})?([A-Za-z]+(?:['\u2019][A-Za-z]+)*)"
                    "([.,;:!?]{0,3})(\\*{1,2})?([.,;:!?)\"\u201d\u2019]{0,5})")
 _CODE_CHARS = frozenset("_(){}[]<>=/\\$#@|~^`%&+")
-_CAMEL = re.compile(r"[a-z][A-Z]|[A-Z]{2}[a-z]")
+CAMEL = re.compile(r"[a-z][A-Z]|[A-Z]{2}[a-z]")
 _DOTTED = re.compile(r"[A-Za-z]\.[A-Za-z]")
 _NOT_ALNUM = re.compile(r"[\W_]+")
 _ABBREVIATIONS = frozenset({"e.g", "i.e", "a.m", "p.m", "u.s", "u.k", "et.al", "ph.d"})
@@ -33,15 +33,18 @@ def code_like(chunk: str, prose: re.Match[str] | bool | None = True) -> bool:
     ``prose``: ``PROSE.fullmatch(chunk)`` when the caller has it already."""
     if prose is True:
         prose = PROSE.fullmatch(chunk)
-    if prose and not _CAMEL.search(chunk):
+    camel = not chunk.islower() and CAMEL.search(chunk) is not None  # (needs a capital)
+    if prose and not camel:
         return False
-    if any(c in _CODE_CHARS for c in chunk) or "::" in chunk or _CAMEL.search(chunk):
+    if not _CODE_CHARS.isdisjoint(chunk) or "::" in chunk or camel:
         return True
-    dotted = _DOTTED.search(chunk)
+    dotted = _DOTTED.search(chunk) if "." in chunk else None
     return dotted is not None and chunk.strip(".,;:!?()").lower() not in _ABBREVIATIONS
 
 
 def canonical(chunk: str) -> str:
     """A chunk's letters and digits, lower-cased: the same for every variant a channel
     may write (apostrophes, emphasis marks, bullets and list delimiters are dropped)."""
-    return _NOT_ALNUM.sub("", chunk.lower()) or "_"
+    lower = chunk.lower()
+    # (what _NOT_ALNUM removes is exactly what str.isalnum refuses)
+    return lower if lower.isalnum() else _NOT_ALNUM.sub("", lower) or "_"

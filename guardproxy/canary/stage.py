@@ -25,6 +25,7 @@ from typing import Any
 
 from guardproxy.canary import responses_api as rapi
 from guardproxy.canary.marker import Marker
+from guardproxy.response.chat_chunk import ChatChunk
 from guardproxy.response.events import (
     BaseStage,
     BodyKind,
@@ -33,17 +34,20 @@ from guardproxy.response.events import (
     SSEEvent,
     WholeBody,
 )
-from guardproxy.response.sse import encode_event
+from guardproxy.response.sse import encode_event, event_fields
 
 log = logging.getLogger("guardproxy.canary")
 
 
-_PLAIN = re.compile(r"[ !#-\[\]-~]*")   # printable ASCII but '"' and '\\': JSON as is
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _quote(value: str, ascii_only: bool) -> str:
-    if _PLAIN.fullmatch(value):
-        return f'"{value}"'  # what json.dumps writes, without its cost
+    if '"' not in value and "\\" not in value and value.isprintable() \
+            and (not ascii_only or value.isascii()):
+        # what json.dumps writes, without its cost: it escapes only '"', '\\' and
+        # control characters (and, ascii_only, what is not ASCII)
+        return f'"{value}"'
     return json.dumps(value, ensure_ascii=ascii_only)
 
 
@@ -78,6 +82,10 @@ class CanaryStage(BaseStage):
         return head.status == 200 and head.kind is not BodyKind.OTHER
 
     def event(self, event: SSEEvent) -> None:
+        chunk = None if self.anthropic else event.chunk
+        if chunk is not None:
+            self._chat_chunk(event, chunk)
+            return
         if event.data == "[DONE]":
             event.insert_before(self._flush_all())
             return
@@ -229,6 +237,41 @@ class CanaryStage(BaseStage):
             if new is not None:
                 self._set_text(event, obj, holder, key, new)
 
+    def _chat_chunk(self, event: SSEEvent, chunk: ChatChunk) -> None:
+        """``_openai_event`` of a chat chunk read without its parse (one chat choice)."""
+        index, text = chunk.index, chunk.content
+        new = None
+        if text:
+            carrier = self.carriers.get(index) if index in self.markers else None
+            new = self._feed(index, text, carrier or functools.partial(
+                _chunk_carrier, chunk.source, index))
+        if chunk.finished:
+            rest = self._rest(index)
+            if rest and new is not None:
+                new += rest
+            elif rest:
+                event.insert_before(_chunk_carrier(chunk.source, index, rest))
+        if new is None or new == text:
+            return
+        # what _set_text makes of it: the text's string swapped in the bytes, which the
+        # stages after this one read again (as the same text: a lone surrogate, written
+        # as invalid UTF-8, would not read back, so that text goes the parsed way)
+        current = chunk.source
+        swapped: bytes | None = None
+        if (new.isascii() or not _SURROGATE.search(new)) \
+                and (text.isascii() or not _SURROGATE.search(text)):
+            if chunk.plain or current[chunk.start:chunk.end] == _quote(text, False).encode():
+                # _swap's first try finds this string, and only here (see chat_chunk)
+                swapped = b"".join((current[:chunk.start], _quote(new, False).encode(),
+                                    current[chunk.end:]))
+            else:
+                swapped = _swap(current, "content", text, new)
+        if swapped is not None:
+            event.set_out(swapped)
+            return
+        obj = event.json   # escaped as _swap cannot find it: re-encoded from the parse
+        self._set_text(event, obj, obj["choices"][0]["delta"], "content", new)
+
     @staticmethod
     def _carrier(template: dict[str, Any], index: int, text: str, name: str,
                  chat: bool) -> bytes:
@@ -254,6 +297,12 @@ class CanaryStage(BaseStage):
 def _index(value: Any) -> int:
     """A choice's or block's index as upstreams send it (an int), else 0."""
     return value if isinstance(value, int) else 0
+
+
+def _chunk_carrier(source: bytes, index: int, text: str) -> bytes:
+    """``CanaryStage._carrier`` shaped like the chat chunk ``source`` (parsed only now)."""
+    name, data = event_fields(source)
+    return CanaryStage._carrier(json.loads(data), index, text, name, True)
 
 
 def _anthropic_carrier(index: int, text: str) -> bytes:

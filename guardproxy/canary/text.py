@@ -26,6 +26,7 @@ from guardproxy.canary import contractions
 from guardproxy.canary.channels import Channels
 from guardproxy.canary.shapes import (
     BULLETS,
+    CAMEL,
     KEY,
     ORDERED,
     PROSE,
@@ -101,7 +102,7 @@ class Scanner:
         if pieces and not final:
             # the last piece, a word or a whitespace run, may continue in the next delta
             last = pieces.pop()
-            self.parts, self.parts_space = [last], not _NOT_SPACE.search(last)
+            self.parts, self.parts_space = [last], last[0] in _WHITESPACE  # a run: one kind
         for piece in pieces:
             if piece[0] in _WHITESPACE:
                 self._whitespace(piece)
@@ -183,6 +184,10 @@ class Scanner:
 
     # -- line and block state ------------------------------------------------------------
     def _whitespace(self, run: str) -> None:
+        if run == " ":   # the common run: what the general case below does with it
+            if self.line_start:
+                self.indent += 1
+            return
         newlines = run.count("\n") + run.count("\r") - run.count("\r\n")
         if newlines:
             blank = newlines > 1 or self.line_chunks == 0
@@ -208,7 +213,10 @@ class Scanner:
 
     def _chunk(self, chunk: str) -> Unit:
         prose = PROSE.fullmatch(chunk)
-        self.chunk_code = code_like(chunk, prose)   # read again when the held one is released
+        # read again when the held one is released (code_like, its prose case inlined:
+        # no camel case without a capital)
+        self.chunk_code = False if prose and (chunk.islower() or not CAMEL.search(chunk)) \
+            else code_like(chunk, prose)
         self._bullet_pending = False
         first, self.line_start = self.line_start, False
         content_first, self.content_start = self.content_start, False
@@ -260,7 +268,7 @@ class Scanner:
             self.prev_code = True
             return Unit(chunk)
         zw = ""
-        if _FORMAT.search(chunk):
+        if not chunk.isascii() and _FORMAT.search(chunk):   # (format characters are not ASCII)
             # invisible format characters (the tripwire's, or an attacker's U+2060 after
             # every word) are read through; a chunk holding them is never rewritten
             zw = "".join(_FORMAT.findall(chunk))
@@ -282,12 +290,17 @@ class Scanner:
             elif KEY.fullmatch(clean):
                 self.line_protected = self.yaml = True
         quoted = self.quote
-        protected = self._protected(clean)
+        if quoted or self.line_protected or self.yaml or self.depth > 0 \
+                or (not clean.isalpha() and (_SPECIAL.search(clean) or clean == "->")):
+            protected = self._protected(clean)
+        else:
+            protected = False   # the common word: what _protected says of it
         speech = (quoted in ('"', "\u201d") or self.quote in ('"', "\u201d")) \
             and not (self.line_protected or self.yaml or self.depth)
         h0, h1 = self.history
         was_code, self.prev_code = self.prev_code, self.chunk_code
-        sentence, self.sentence_start = self.sentence_start, _ends_sentence(clean)
+        sentence, self.sentence_start = \
+            self.sentence_start, clean.rstrip(_CLOSERS)[-1:] in SENTENCE_END  # _ends_sentence
         if match is None:
             # "__word__" reads as "**word**" would: a mark's underscores move no context
             starred = PROSE.fullmatch(clean.replace("_", "*")) if "_" in clean else None

@@ -18,6 +18,7 @@ from guardproxy.guards.base import RateHeaders
 if TYPE_CHECKING:
     from guardproxy.policy.model import UpstreamConfig
     from guardproxy.request.plan import RequestPlan
+    from guardproxy.response.chat_chunk import ChatChunk
     from guardproxy.response.usage import Tally
 
 # Never forwarded upstream, whatever the dialect: the client's own credentials.
@@ -68,6 +69,11 @@ class Dialect(ABC):
     def read_event(self, name: str, data: Mapping[str, Any], tally: Tally) -> bool:
         """Read usage and text from one stream event; True if the event carries only
         usage (so that it can be hidden when the client did not ask for it)."""
+
+    def read_chunk(self, chunk: ChatChunk, tally: Tally) -> bool | None:
+        """``read_event`` of an event read as a chat chunk (``response.chat_chunk``),
+        without its parse; None when this dialect cannot (then ``read_event`` is)."""
+        return None
 
     def error_response(self, status: int, kind: str, code: str, message: str,
                        retry_after: float = 0.0,

@@ -20,6 +20,7 @@ from guardproxy.request.plan import (
 
 if TYPE_CHECKING:
     from guardproxy.policy.model import UpstreamConfig
+    from guardproxy.response.chat_chunk import ChatChunk
     from guardproxy.response.usage import Tally
 
 # generation endpoints (matched on the normalised path's end) and their cap fields
@@ -156,6 +157,11 @@ class OpenAIDialect(Dialect):
             if isinstance(calls, list):
                 tally.text_bytes += len(repr(calls))
         return has_usage and not choices
+
+    def read_chunk(self, chunk: ChatChunk, tally: Tally) -> bool | None:
+        # read_event of that shape: no usage object, one chat choice, text, no tool calls
+        tally.text_bytes += len(chunk.content.encode())
+        return False
 
 
 def _usage(usage: Any, tally: Tally) -> bool:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from guardproxy.errors import GuardProxyError
+from guardproxy.response.chat_chunk import ChunkReader
 from guardproxy.response.events import (
     BodyKind,
     Ending,
@@ -67,6 +68,7 @@ class ResponseDriver:
         self.max_event_bytes = max_event_bytes
         self.head: ResponseHead | None = None
         self.framer: SSEFramer | None = None
+        self.chunks: ChunkReader | None = None  # chat chunk templates (one response's)
         self.buffer: list[bytes] = []
         self.buffered = 0
         self.started = False           # the response's start reached the client
@@ -87,6 +89,7 @@ class ResponseDriver:
                 self.active.remove(stage)
         if head.kind is BodyKind.EVENTS and self.active:
             self.framer = SSEFramer(self.max_event_bytes)
+            self.chunks = ChunkReader()
 
     def body(self, data: bytes, final: bool) -> bytes:
         if final:
@@ -124,7 +127,8 @@ class ResponseDriver:
             blocks = self.framer.feed(data)
         except EventTooLarge as exc:
             raise ResponseAborted(str(exc)) from None
-        events = [SSEEvent(block) for block in blocks]
+        chunks = self.chunks
+        events = [SSEEvent(block, True, chunks) for block in blocks]
         if final:
             tail = self.framer.flush()
             if tail.strip():
@@ -135,7 +139,7 @@ class ResponseDriver:
         stages = list(self.active)  # taken again only when a stage fails
         for event in events:
             for stage in stages:
-                if event.dropped:
+                if event.out == b"":   # dropped
                     break
                 out_before, before = event.out, event.before
                 try:
@@ -145,7 +149,8 @@ class ResponseDriver:
                     event.restore(out_before, before)
             if len(stages) != len(self.active):
                 stages = list(self.active)
-            out.append(event.output())
+            body = event.raw if event.out is None else event.out   # event.output()
+            out.append(event.before + body if event.before else body)
         if final:
             extras = []
             for stage in list(self.active):

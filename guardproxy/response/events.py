@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
 
+from guardproxy.response.chat_chunk import ChatChunk, ChunkReader
 from guardproxy.response.sse import encode_event, event_fields
 
 Headers = list[tuple[bytes, bytes]]
@@ -47,11 +48,14 @@ class ResponseHead:
 
 class SSEEvent:
     """One event as framed (``raw``), parsed at most once however many stages read it.
-    A stage changes what the client gets with ``replace``/``drop``/``insert_before``."""
+    A stage changes what the client gets with ``replace``/``drop``/``insert_before``
+    (or ``set_out``). A chat chunk can also be read without its parse: ``chunk``."""
 
-    __slots__ = ("_data", "_json", "_name", "before", "out", "raw", "terminated")
+    __slots__ = ("_chunk", "_chunk_of", "_data", "_json", "_lent", "_name", "_reader",
+                 "before", "out", "raw", "terminated")
 
-    def __init__(self, raw: bytes, terminated: bool = True) -> None:
+    def __init__(self, raw: bytes, terminated: bool = True,
+                 reader: ChunkReader | None = None) -> None:
         self.raw = raw
         self.terminated = terminated    # False: the stream ended inside this event
         self.out: bytes | None = None   # None: unchanged; b"": dropped
@@ -59,6 +63,10 @@ class SSEEvent:
         self._name: str | None = None
         self._data = ""
         self._json: Any = _UNPARSED
+        self._lent = False              # a stage holds the parse (and may have changed it)
+        self._reader = reader           # the response's chunk templates, if any
+        self._chunk: ChatChunk | None = None
+        self._chunk_of: bytes | None = None  # the bytes ``_chunk`` was read from
 
     def _fields(self) -> None:
         if self._name is None:
@@ -78,6 +86,29 @@ class SSEEvent:
     @property
     def json(self) -> Any:
         """The data as JSON (parsed on first use), or None."""
+        self._lent = True
+        return self._parse()
+
+    @property
+    def chunk(self) -> ChatChunk | None:
+        """The event as a chat chunk read without its parse (``chat_chunk``), or None:
+        not such a chunk, no template for it yet, or a stage already holds the parse
+        (which it may have changed). A stage that gets a chunk reads nothing else of the
+        event; one that changes its text does so with ``set_out``."""
+        reader = self._reader
+        if reader is None or self._lent:
+            return None
+        current = self.raw if self.out is None else self.out
+        if self._chunk_of is current:
+            return self._chunk
+        chunk = reader.read(current)
+        if chunk is None and self.out is None and reader.learning:
+            # the parse the stages would make anyway (kept for them), read once more
+            chunk = reader.learn(current, self._parse())
+        self._chunk, self._chunk_of = chunk, current
+        return chunk
+
+    def _parse(self) -> Any:
         if self._json is _UNPARSED:
             data = self.data
             try:
@@ -94,6 +125,11 @@ class SSEEvent:
         """Send ``obj`` (the event's JSON, changed) instead of the upstream's bytes."""
         self.out = encode_event(self.name, obj)
 
+    def set_out(self, data: bytes) -> None:
+        """Send ``data`` instead; the event is read again from it when next asked."""
+        self.out = data
+        self._name, self._json, self._lent = None, _UNPARSED, False
+
     def drop(self) -> None:
         self.out = b""
 
@@ -108,7 +144,7 @@ class SSEEvent:
         """Undo a stage that failed: its bytes, and its changes to the shared parse
         (read again, from the bytes as they now are, when next asked for)."""
         self.out, self.before = out, before
-        self._name, self._json = None, _UNPARSED
+        self._name, self._json, self._lent, self._chunk_of = None, _UNPARSED, False, None
 
 
 class WholeBody:

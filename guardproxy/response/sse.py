@@ -26,20 +26,36 @@ class EventTooLarge(Exception):
 class SSEFramer:
     """Splits a byte stream into whole events; holds back only a trailing partial event."""
 
-    __slots__ = ("buffer", "limit", "line", "pos")
+    __slots__ = ("buffer", "lf", "limit", "line", "pos")
 
     def __init__(self, max_event_bytes: int = 4 << 20) -> None:
         self.buffer = bytearray()
         self.pos = 0           # every line end before this offset has been read
         self.line = 0          # where the current line starts
         self.limit = max_event_bytes
+        self.lf = True         # the buffer holds no CR: lines end in LF only
 
     def feed(self, data: bytes) -> list[bytes]:
         buf = self.buffer
-        if not buf and data.find(b"\n\n") == len(data) - 2 > 0 and data[0] != 0x0A \
-                and b"\r" not in data:
+        lf = self.lf and b"\r" not in data
+        if not buf and lf and data.find(b"\n\n") == len(data) - 2 > 0 and data[0] != 0x0A:
             return [data]  # the common read: exactly one whole LF-framed event
         buf += data
+        if lf:
+            events, start, line, pos = _lf_events(buf, self.line, self.pos)
+        else:
+            events, start, line, pos = self._events(buf)
+        if start:
+            del buf[:start]
+            line, pos = line - start, pos - start
+        self.line, self.pos = line, pos
+        self.lf = lf or not buf   # a CR in what is held keeps the general reading
+        if len(buf) > self.limit:
+            raise EventTooLarge(f"an SSE event exceeded {self.limit} bytes")
+        return events
+
+    def _events(self, buf: bytearray) -> tuple[list[bytes], int, int, int]:
+        """Any line ends: (events, where the rest starts, line, pos) read line by line."""
         events: list[bytes] = []
         start, line, pos = 0, self.line, self.pos
         while True:
@@ -54,20 +70,35 @@ class SSEFramer:
                 events.append(bytes(buf[start:found.end()]))
                 start = found.end()
             line = pos = found.end()
-        if start:
-            del buf[:start]
-            line, pos = line - start, pos - start
-        self.line, self.pos = line, pos
-        if len(buf) > self.limit:
-            raise EventTooLarge(f"an SSE event exceeded {self.limit} bytes")
-        return events
+        return events, start, line, pos
 
     def flush(self) -> bytes:
         """What is left: an event the stream ended without terminating, or nothing."""
         rest = bytes(self.buffer)
         self.buffer.clear()
         self.line = self.pos = 0
+        self.lf = True
         return rest
+
+
+def _lf_events(buf: bytearray, line: int, pos: int) -> tuple[list[bytes], int, int, int]:
+    """``SSEFramer._events`` of a buffer with no CR, an event at a time: after a line
+    that is not empty, the event ends at the next ``\\n\\n`` (scanned in C)."""
+    events: list[bytes] = []
+    start = 0
+    while True:
+        end = buf.find(b"\n", pos)
+        if end < 0:
+            return events, start, line, len(buf)
+        if end == line:   # an empty line: the event ends here
+            events.append(bytes(buf[start:end + 1]))
+            start = line = pos = end + 1
+            continue
+        pair = buf.find(b"\n\n", end)   # the next empty line's end is its second LF
+        if pair < 0:
+            return events, start, buf.rfind(b"\n", end) + 1, len(buf)
+        events.append(bytes(buf[start:pair + 2]))
+        start = line = pos = pair + 2
 
 
 def ends_event(data: bytes) -> bool:

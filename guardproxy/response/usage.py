@@ -105,12 +105,17 @@ async def close_leases(leases: Sequence[Lease], usage: Usage, ending: Ending,
                        status: int) -> None:
     """Close a request's leases: those of one ``GroupLease`` type together, the others
     one by one. One that fails is logged and does not keep the others from settling."""
+    if not leases:
+        return
     groups: dict[type, list[Lease]] = {}
     for lease in leases:
         groups.setdefault(type(lease), []).append(lease)
     for group in groups.values():
         head = group[0]
-        closes = ([functools.partial(head.close_all, group)] if isinstance(head, GroupLease)
+        # a method lookup, not isinstance(head, GroupLease): a runtime Protocol check
+        # costs ~20 µs, on every request
+        close_all = getattr(head, "close_all", None)
+        closes = ([functools.partial(close_all, group)] if close_all is not None
                   else [lease.close for lease in group])
         for close in closes:
             try:
@@ -138,8 +143,15 @@ class UsageMeter(BaseStage):
 
     def event(self, event: SSEEvent) -> None:
         if _USAGE not in event.raw:
-            self.tally.text_bytes += sum(len(m) for m in _TEXT.findall(event.raw))
+            self.tally.text_bytes += sum(map(len, _TEXT.findall(event.raw)))
             return
+        chunk = event.chunk   # a chat chunk with "usage": null each time: no parse
+        if chunk is not None:
+            read = self.dialect.read_chunk(chunk, self.tally)
+            if read is not None:
+                if read and self.hide_usage_chunk:
+                    event.drop()
+                return
         obj = event.json
         if obj is None and event.data.lstrip().startswith(("{", "[")):
             self.blind = True  # usage we cannot read is charged as the worst case

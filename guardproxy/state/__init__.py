@@ -22,7 +22,8 @@ from typing import Any, TypeVar
 from guardproxy.state.admission import AdmissionStore
 from guardproxy.state.admission_memory import MemoryAdmission
 from guardproxy.state.admission_redis import RedisAdmission
-from guardproxy.state.budgets import BudgetStore, MemoryBudgetStore, RedisBudgetStore
+from guardproxy.state.budgets import BudgetStore, MemoryBudgetStore
+from guardproxy.state.budgets_redis import RedisBudgetStore
 from guardproxy.state.redis_client import redis_from_uri
 from guardproxy.state.retry import SettleRetry
 
