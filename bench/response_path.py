@@ -9,6 +9,8 @@ enforcing ``CanaryStage``). Shapes:
   chunk, the usage chunk and ``data: [DONE]`` (203 events), every chunk carrying
   ``"usage": null`` as OpenAI writes them with ``include_usage``;
 - ``stream-nonull``: the same without ``"usage": null`` (vLLM, llama.cpp);
+- ``stream-whole``: ``stream`` arriving in one read (as a fast upstream's does, through
+  a proxy under load): the framer cuts many events per read;
 - ``json``: a 15-word ``chat.completion`` body (the canary's fixed cost per response).
 
 Stage sets (``bare``: the driver with no stage, ``usage``, ``canary``, ``all``) run in
@@ -158,6 +160,7 @@ async def one_round(kind: str, headers: list[tuple[bytes, bytes]], reads: list[b
 SHAPES: dict[str, tuple[list[tuple[bytes, bytes]], list[bytes]]] = {
     "stream": (_SSE, stream_events(True)),
     "stream-nonull": (_SSE, stream_events(False)),
+    "stream-whole": (_SSE, [b"".join(stream_events(True))]),
     "json": (_JSON, [json_answer()]),
 }
 KINDS = ("bare", "usage", "canary", "all")
@@ -180,7 +183,7 @@ async def main_async(responses: int, rounds: int, shapes: list[str]) -> None:
     print("| shape | stages | CPU µs / response | µs / event | over bare µs/resp | digest |")
     print("|---|---|---|---|---|---|")
     for (shape, kind), value in best.items():
-        events = len(SHAPES[shape][1]) if shape != "json" else 0
+        events = len(stream_events(True)) if shape.startswith("stream") else 0
         per_event = f"{value / events:.2f}" if events else "—"
         over = value - best[(shape, "bare")]
         print(f"| {shape} | {kind} | {value:.1f} | {per_event} | {over:+.1f} | "

@@ -12,8 +12,10 @@ with the cluster the same call recorded, escaped as ``guards/per.py`` escapes va
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -177,3 +179,21 @@ async def test_cluster_keys_take_the_id_the_same_call_recorded(
         assert first.remaining == (9,), "the first, under zed's own id, as it was then"
     finally:
         await client.aclose()
+
+
+async def test_concurrent_requests_share_calls_and_each_is_judged_alone(
+        stores: tuple[Any, ...]) -> None:
+    red = stores[2]
+    quota = QuotaAsk("q", False, "m", ("account=a",), ((25, 60),))
+    budget = BudgetAsk("b", False, ("b|account=a",), "", True, 1.0, 10, 1.0, 1, 90,
+                       False, 16, (Window(3000, 60),), 30.0)
+    asks = [[quota, replace(budget, lease_id=f"G{i}")] for i in range(40)]
+    before = red._group.calls
+    batches = await asyncio.gather(*(red.admit(a) for a in asks))
+    assert 1 <= red._group.calls - before < 40, "calls shared under concurrency"
+    allowed = [b for b in batches if not b.stopped]
+    # 30 budgets of 100 fit, but the quota's 25 stop first: each request on its own
+    assert len(allowed) == 25
+    assert all(b.results[1].lease_id for b in allowed)
+    assert all(b.results[1].status == SKIPPED for b in batches if b.stopped)
+    assert (await red.quota_state(quota)).remaining == (0,)

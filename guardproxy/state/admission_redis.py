@@ -52,9 +52,12 @@ from guardproxy.state.admission import (
     render,
 )
 from guardproxy.state.budgets import GRACE
+from guardproxy.state.group import GroupCommit
 from guardproxy.state.redis_client import preload
 
 log = logging.getLogger("guardproxy.admission")
+Request = tuple[Sequence[Ask], RecordAsk | None]   # one request's asks and record
+MAX_REQUESTS = 64   # requests judged in one call at most: bounds the script's run time
 
 
 def _lua(*names: str) -> str:
@@ -67,9 +70,11 @@ def admit_script(*, recording: bool) -> str:
     variant that records linkage evidence first."""
     windows = _lua("lease_common.lua", "quota_windows.lua")
     if not recording:
-        return f"{windows}\nlocal CLUSTER, A = nil, 1\nlocal EVENTS = {{}}\n{_lua('admit.lua')}"
+        head = ("local A, EVENTS = 1, {}\n"
+                "local function record_request() error('no linkage in this call') end\n")
+        return f"{windows}\n{head}{_lua('admit.lua')}"
     return (f"{_lua('linkage_common.lua', 'linkage_record.lua')}\n{windows}\n"
-            f"local CLUSTER, A = record_request(ARG)\n{_lua('admit.lua')}")
+            f"local A = ARG\n{_lua('admit.lua')}")
 
 
 def _text(value: bytes | str) -> str:
@@ -87,6 +92,7 @@ class RedisAdmission(AdmissionStore):
         self._recording = client.register_script(admit_script(recording=True))
         self._ops = client.register_script(_lua("quota_windows.lua", "quota_ops.lua"))
         self._loaded: set[str] = set()   # scripts loaded on every primary (Cluster)
+        self._group: GroupCommit[Request, Batch] = GroupCommit(self._send, MAX_REQUESTS)
         self._undo_script = client.register_script(
             _lua("lease_common.lua", "quota_windows.lua", "admit_undo.lua"))
 
@@ -102,29 +108,42 @@ class RedisAdmission(AdmissionStore):
 
     # -- admission ----------------------------------------------------------------
     async def admit(self, asks: Sequence[Ask], record: RecordAsk | None = None) -> Batch:
-        inline = record is not None and getattr(record.store, "client", None) is self.client
-        if self.sharded or (record is not None and not inline):
+        inline = record is None or getattr(record.store, "client", None) is self.client
+        if self.sharded or not inline:
             return await self._admit_apart(asks, record)
-        args: list[Any] = []
-        keys: list[str]
-        if record is not None:
-            store = record.store
+        (batch,) = await self._group.submit([(asks, record)])
+        return batch
+
+    async def _send(self, requests: list[Request]) -> list[Batch]:
+        """One script call judging ``requests`` in turn (a group commit, ``GroupCommit``).
+        Raises ``StoreError``."""
+        stores = {id(r.store): r.store for _, r in requests if r is not None}
+        if len(stores) > 1:   # linkage settings changed by a reload: one call per store
+            return [b for request in requests for b in await self._send([request])]
+        store = next(iter(stores.values()), None)
+        args: list[Any]
+        if store is not None:
             script, keys = self._recording, [store.base]
-            args = store.args(record.now, *store.record_args(
-                record.account, record.evidence, record.pairs))
+            args = store.args(max(r.now for _, r in requests if r is not None))
         else:
-            script, keys = self._plain, [self._first_key(asks)]
-        args += self._args(asks)
+            script, keys, args = self._plain, [self._first_key(requests[0][0])], []
+        args += [self._now(), repr(GRACE), len(requests)]
+        for asks, record in requests:
+            if record is None:
+                args.append(0)
+            else:
+                args += [1, *record.store.record_args(record.account, record.evidence,
+                                                      record.pairs)]
+            args += self._args(asks)
         try:
             reply = await script(keys=keys, args=args)
         except RedisError as exc:
             raise StoreError(f"admission store unavailable: {exc}") from exc
-        cluster = None
-        if record is not None and reply[2]:
-            record.store.events(reply[3])
-            raw = reply[2]
-            cluster = Cluster(id=_text(raw[0]), size=int(raw[1]), linked_to_blocked=bool(raw[2]))
-        return self._batch(asks, reply, cluster)
+        if store is not None:
+            store.events(reply[2])
+        now = float(_text(reply[0])) + int(reply[1]) / 1e6
+        return [self._batch(asks, part[1], now, _cluster(part[0]))
+                for (asks, _), part in zip(requests, reply[3], strict=True)]
 
     def _first_key(self, asks: Sequence[Ask]) -> str:
         for ask in asks:   # routes the call (Cluster): a key of the batch's one slot
@@ -135,7 +154,8 @@ class RedisAdmission(AdmissionStore):
         return f"{self.prefix}:admit"
 
     def _args(self, asks: Sequence[Ask]) -> list[Any]:
-        args: list[Any] = [self._now(), repr(GRACE), len(asks)]
+        """One request's ops, as admit.lua reads them: their number, then each."""
+        args: list[Any] = [len(asks)]
         for ask in asks:
             shadow = 1 if ask.shadow else 0
             if isinstance(ask, QuotaAsk):
@@ -157,11 +177,11 @@ class RedisAdmission(AdmissionStore):
                 args += ["x", 0]
         return args
 
-    def _batch(self, asks: Sequence[Ask], reply: list[Any], cluster: Cluster | None) -> Batch:
-        now = float(_text(reply[0])) + int(reply[1]) / 1e6
+    def _batch(self, asks: Sequence[Ask], replies: list[Any], now: float,
+               cluster: Cluster | None) -> Batch:
         results: list[Result] = []
         stopped = False
-        for ask, raw in zip(asks, reply[4], strict=True):
+        for ask, raw in zip(asks, replies, strict=True):
             status = int(raw[0])
             if status < 0:
                 results.append(NOT_JUDGED)
@@ -208,14 +228,16 @@ class RedisAdmission(AdmissionStore):
         try:
             replies = await asyncio.gather(*(
                 self._plain(keys=[self._first_key([resolved[i] for i in idx])],
-                            args=self._args([resolved[i] for i in idx]))
+                            args=[self._now(), repr(GRACE), 1, 0,
+                                  *self._args([resolved[i] for i in idx])])
                 for idx in groups.values()))
         except RedisError as exc:
             raise StoreError(f"admission store unavailable: {exc}") from exc
         results: list[Result] = [NOT_JUDGED] * len(asks)
         parts: list[tuple[list[int], Batch]] = []
         for idx, reply in zip(groups.values(), replies, strict=True):
-            part = self._batch([resolved[i] for i in idx], reply, None)
+            part = self._batch([resolved[i] for i in idx], reply[3][0][1],
+                               float(_text(reply[0])) + int(reply[1]) / 1e6, None)
             parts.append((idx, part))
             for i, result in zip(idx, part.results, strict=True):
                 results[i] = result
@@ -300,6 +322,13 @@ class RedisAdmission(AdmissionStore):
         except RedisError as exc:
             raise StoreError(f"quota store unavailable: {exc}") from exc
         return added
+
+
+def _cluster(raw: list[Any]) -> Cluster | None:
+    """A ``cluster(account)`` reply (id, size, blocked 0/1), or None for ``{}``."""
+    if not raw:
+        return None
+    return Cluster(id=_text(raw[0]), size=int(raw[1]), linked_to_blocked=bool(raw[2]))
 
 
 def _wrapped(template: Template, head: str, tail: str) -> Template:

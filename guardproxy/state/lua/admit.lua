@@ -1,10 +1,12 @@
--- Admission: all of one request's store work in one atomic call (state/admission_redis.py).
--- Prepended, in order: [linkage_common.lua, linkage_record.lua] when the batch records
--- the request's linkage evidence, lease_common.lua, quota_windows.lua, then a head that
--- sets CLUSTER (the record_request reply, or nil) and A (where this script's ARGV start).
+-- Admission: all of a request's store work in one atomic call (state/admission_redis.py);
+-- concurrent requests share a call (a group commit), each judged on its own, in turn.
+-- Prepended, in order: [linkage_common.lua, linkage_record.lua] when a request of the
+-- call records linkage evidence, lease_common.lua, quota_windows.lua, then a head that
+-- sets A (where this script's ARGV start) and, without linkage, record_request.
 --
--- ARGV[A..]: now ('' = the store's clock, TIME), grace (s), n ops, then
--- the ops in the pipeline's order (phase, then file order):
+-- ARGV[A..]: now ('' = the store's clock, TIME), grace (s), n requests; then per request:
+-- 1 and record_request's arguments (linkage_record.lua), or 0; n ops; the ops in the
+-- pipeline's order (phase, then file order):
 --   'q' shadow strategy(f|m|s) nparts part.. nwin (limit seconds)..     a quota rule
 --   'b' shadow nparts part.. lease generates pw prompt cw copies cap clamp min ttl
 --       nwin (limit seconds)..                                         a budget rule
@@ -12,11 +14,12 @@
 --   'x' 0                                  a rule that denied without the store
 -- A key is given as parts joined by the request's escaped cluster id (per: cluster:
 -- the id is known only here, after the record); one part means no cluster in it.
--- The first enforced denial stops: the budgets reserved before it are released and no
--- quota counts the request. Otherwise every quota window that allowed it counts it.
+-- The first enforced denial stops the request: the budgets reserved before it are
+-- released and no quota counts it. Otherwise every quota window that allowed it counts
+-- it.
 --
--- Returns {now seconds, now micros (or the given now, twice), cluster {id, size,
--- blocked} or {}, events {kind, json, ...}, results}: per op, in order,
+-- Returns {now seconds, now micros (or the given now, '0'), events {kind, json, ..},
+-- per request {cluster {id, size, blocked} or {}, results}}: per op, in order,
 --   q: {status, denied window (0: none), remaining.., reset..}
 --   b: {status, amount, cap, remaining.., reset..}
 --   g, x: {status}
@@ -30,24 +33,24 @@ else
   NOW = tonumber(ARGV[A])
   T = {ARGV[A], '0'}
 end
-local GRACE, NOPS = tonumber(ARGV[A + 1]), tonumber(ARGV[A + 2])
-local CID = ''
-if CLUSTER then
-  CID = CLUSTER[1]
-  if CID ~= '' and string.find(CID, '[%%|%z]') then   -- as guards/per.py _escaped
-    CID = string.gsub(string.gsub(string.gsub(CID, '%%', '%%25'), '|', '%%7C'), '%z', '%%00')
-  end
-end
+local GRACE, NREQ = tonumber(ARGV[A + 1]), tonumber(ARGV[A + 2])
 
 local function fmt(x) return string.format('%.17g', x) end
 
+local function escaped(id)   -- as guards/per.py _escaped
+  if id ~= '' and string.find(id, '[%%|%z]') then
+    return (string.gsub(string.gsub(string.gsub(id, '%%', '%%25'), '|', '%%7C'), '%z', '%%00'))
+  end
+  return id
+end
+
 -- the key at ARGV[i]: n parts joined by the escaped cluster id; returns key, next index
-local function key_at(i)
+local function key_at(i, cid)
   local n = tonumber(ARGV[i])
   if n == 1 then return ARGV[i + 1], i + 2 end
   local parts = {}
   for j = 1, n do parts[j] = ARGV[i + j] end
-  return table.concat(parts, CID), i + n + 1
+  return table.concat(parts, cid), i + n + 1
 end
 
 local function windows_at(i)
@@ -56,15 +59,30 @@ local function windows_at(i)
   return wins, i + 2 * n + 1
 end
 
+local function skip(i, kind)   -- the index after an op's arguments (i: after its kind)
+  if kind == 'q' then
+    local _, j = key_at(i + 2, '')
+    local _, after = windows_at(j)
+    return after
+  elseif kind == 'b' then
+    local _, j = key_at(i + 1, '')
+    local _, after = windows_at(j + 10)
+    return after
+  elseif kind == 'g' then
+    return i + 3
+  end
+  return i + 1
+end
+
 local function truncate(x)   -- Python's int(): toward zero
   if x < 0 then return math.ceil(x) end
   return math.floor(x)
 end
 
 -- a quota rule: every window must have room for one more
-local function quota(i, shadow)
+local function quota(i, cid)
   local strategy = ARGV[i]
-  local tag, j = key_at(i + 1)
+  local tag, j = key_at(i + 1, cid)
   local wins, after = windows_at(j)
   local keys, out, denied = {}, {1, 0}, 0
   local remaining, resets = {}, {}
@@ -83,17 +101,17 @@ local function quota(i, shadow)
 end
 
 -- a budget rule: reserve prompt + cap x copies in every window (clamping the cap to what
--- is left when the rule says so); cap 0 takes the cap an earlier budget rule settled on
-local RUNNING_CAP = nil
-local function budget(i, shadow)
-  local tag, j = key_at(i)
+-- is left when the rule says so); the cap an earlier budget rule settled on (`running`)
+-- replaces the rule's own. Returns out, the lease held, the cap to carry on, next index.
+local function budget(i, shadow, cid, running)
+  local tag, j = key_at(i, cid)
   local leases, deadlines = tag .. ':leases', tag .. ':deadlines'
   local id, generates = ARGV[j], ARGV[j + 1] == '1'
   local pw, prompt, cw = tonumber(ARGV[j + 2]), tonumber(ARGV[j + 3]), tonumber(ARGV[j + 4])
   local copies, cap = tonumber(ARGV[j + 5]), tonumber(ARGV[j + 6])
   local clamp, least, ttl = ARGV[j + 7] == '1', tonumber(ARGV[j + 8]), tonumber(ARGV[j + 9])
   local wins, after = windows_at(j + 10)
-  if not generates then cap = 0 elseif RUNNING_CAP then cap = RUNNING_CAP end
+  if not generates then cap = 0 elseif running then cap = running end
   reclaim(leases, deadlines, NOW, GRACE)
   local keys, resets, left, expiries = {}, {}, {}, {}
   local smallest, longest = nil, GRACE
@@ -115,7 +133,7 @@ local function budget(i, shadow)
       if smallest >= fits then ok, amount, cap = true, fits, room end
     end
   end
-  -- a batch resent after a lost reply holds its lease already: never reserve twice
+  -- a call resent after a lost reply holds its lease already: never reserve twice
   local again = redis.call('HEXISTS', leases, id) == 1
   if ok and not again then
     for w = 1, #wins do
@@ -123,71 +141,72 @@ local function budget(i, shadow)
       redis.call('EXPIRE', keys[w], expiries[w])
       left[w] = left[w] - amount
     end
-    redis.call('HSET', leases, id, 'r:' .. amount .. ':' .. table.concat(keys, ','))
+    redis.call('HSET', leases, id, 'r:' .. string.format('%d', amount) .. ':'
+               .. table.concat(keys, ','))
     redis.call('ZADD', deadlines, NOW + ttl, id)
     redis.call('EXPIRE', leases, longest)
     redis.call('EXPIRE', deadlines, longest)
   end
-  if ok and generates and not shadow then RUNNING_CAP = cap end
+  if ok and generates and not shadow then running = cap end
   local out = {ok and 1 or 0, amount, cap}
   for w = 1, #wins do out[3 + w] = left[w] end
   for w = 1, #wins do out[3 + #wins + w] = fmt(resets[w]) end
   local held = nil
   if ok and not again then held = {leases, deadlines, id} end
-  return out, held, after
+  return out, held, running, after
 end
 
 -- a linkage rule: on the cluster this call recorded
-local function gate(i)
+local function gate(i, cluster)
   local most, blocked = tonumber(ARGV[i]), ARGV[i + 1] == '1'
   local ok = 1
-  if CLUSTER then
-    if most > 0 and tonumber(CLUSTER[2]) > most then ok = 0 end
-    if blocked and tonumber(CLUSTER[3]) > 0 then ok = 0 end
+  if cluster then
+    if most > 0 and tonumber(cluster[2]) > most then ok = 0 end
+    if blocked and tonumber(cluster[3]) > 0 then ok = 0 end
   end
-  return {ok}, i + 2
+  return {ok}
 end
 
-local results, hits, held = {}, {}, {}
-local i, stopped = A + 3, false
-for n = 1, NOPS do
-  local kind, shadow = ARGV[i], ARGV[i + 1] == '1'
-  local out, extra
-  if stopped then
-    out = {-1}
-    if kind == 'q' then   -- skip its arguments
-      local _, j = key_at(i + 3)
-      _, i = windows_at(j)
+-- one request from ARGV[i]: its record, then its ops; returns {cluster, results}, next
+local function request(i)
+  local cluster = nil
+  if ARGV[i] == '1' then cluster, i = record_request(i + 1) else i = i + 1 end
+  local cid = cluster and escaped(cluster[1]) or ''
+  local n = tonumber(ARGV[i])
+  i = i + 1
+  local results, hits, held = {}, {}, {}
+  local running, stopped = nil, false
+  for op = 1, n do
+    local kind, shadow = ARGV[i], ARGV[i + 1] == '1'
+    local out, extra
+    if stopped then
+      out, i = {-1}, skip(i + 1, kind)
+    elseif kind == 'q' then
+      out, extra, i = quota(i + 2, cid)
+      if extra then hits[#hits + 1] = extra end
     elseif kind == 'b' then
-      local _, j = key_at(i + 2)
-      _, i = windows_at(j + 10)
-    elseif kind == 'g' then i = i + 4
-    else i = i + 2 end
-  elseif kind == 'x' then
-    out, i = {0}, i + 2
-  elseif kind == 'q' then
-    out, extra, i = quota(i + 2, shadow)
-    if extra then hits[#hits + 1] = extra end
-  elseif kind == 'b' then
-    out, extra, i = budget(i + 2, shadow)
-    if extra then held[#held + 1] = extra end
-  else
-    out, i = gate(i + 2)
+      out, extra, running, i = budget(i + 2, shadow, cid, running)
+      if extra then held[#held + 1] = extra end
+    elseif kind == 'g' then
+      out, i = gate(i + 2, cluster), i + 4
+    else
+      out, i = {0}, i + 2
+    end
+    results[op] = out
+    if out[1] == 0 and not shadow then stopped = true end
   end
-  results[n] = out
-  if out[1] == 0 and not shadow then stopped = true end
-end
-
-if stopped then   -- nothing of a denied request stays counted or reserved
-  for _, h in ipairs(held) do settle_lease(h[1], h[2], h[3], 0) end
-else
-  for _, h in ipairs(hits) do
-    for w = 1, #h.wins do
-      window_hit(h.strategy, h.keys[w], h.wins[w][1], h.wins[w][2], NOW, 1)
+  if stopped then   -- nothing of a denied request stays counted or reserved
+    for _, h in ipairs(held) do settle_lease(h[1], h[2], h[3], 0) end
+  else
+    for _, h in ipairs(hits) do
+      for w = 1, #h.wins do
+        window_hit(h.strategy, h.keys[w], h.wins[w][1], h.wins[w][2], NOW, 1)
+      end
     end
   end
+  return {cluster or {}, results}, i
 end
 
-local cluster = {}
-if CLUSTER then cluster = CLUSTER end
-return {T[1], T[2], cluster, EVENTS, results}
+local replies, i = {}, A + 3
+for r = 1, NREQ do replies[r], i = request(i) end
+return {T[1], T[2], EVENTS, replies}
