@@ -325,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     path = report.write_json(bench.rows, info, cfg.output)
     print()
     print(report.table(bench.rows))
+    if (shown := report.ratios(bench.rows)):
+        print()
+        print(shown)
     print()
     print(report.legend(info))
     for note in bench.notes:

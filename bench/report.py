@@ -77,6 +77,32 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+# (numerator, denominator, target): the ratios issue 12 sets, req/s of one run
+RATIOS = (("guardproxy-full-redis", "guardproxy-full", 0.7),
+          ("guardproxy-full", "baseline", 0.8),
+          ("guardproxy-default-redis-lifted", "guardproxy-default-lifted", 0.7),
+          ("guardproxy-default-lifted", "baseline", 0.8))
+
+
+def ratios(rows: list[Row]) -> str:
+    """req/s ratios per cell for the pairs in ``RATIOS`` that this run measured (a
+    Markdown table; empty when none), each against its target."""
+    rps = {(r.target, r.mode, r.concurrency): r.rps for r in rows}
+    cells = sorted({(r.mode, r.concurrency) for r in rows})
+    lines = []
+    for top, bottom, target in RATIOS:
+        values = [(rps.get((top, m, c)), rps.get((bottom, m, c))) for m, c in cells]
+        if all(a is None or b is None for a, b in values):
+            continue
+        shown = [f"{a / b:.2f}" + (" ✅" if a / b >= target else " ❌") if a and b else "—"
+                 for a, b in values]
+        lines.append(f"| {top} / {bottom} (≥ {target}) | " + " | ".join(shown) + " |")
+    if not lines:
+        return ""
+    head = "| ratio of req/s | " + " | ".join(f"{m} c={c}" for m, c in cells) + " |"
+    return "\n".join([head, "|---|" + "---|" * len(cells), *lines])
+
+
 def legend(meta: dict[str, Any]) -> str:
     return "\n".join([
         f"- load: {meta['loadgen']}, closed loop, {meta['duration_s']:g} s per cell after a "

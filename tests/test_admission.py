@@ -135,11 +135,11 @@ async def test_a_denied_batch_holds_and_counts_nothing(stores: tuple[Any, ...]) 
         assert batch.results[1].lease_id is None, "released inside the call"
         again = await admission.admit([quota, budget])
         assert not again.stopped
-        assert again.results[0].remaining == (5,), "the denied request counted nowhere"
+        assert again.results[0].remaining == (4,), "the denied request counted nowhere"
         assert again.results[1].remaining == (1000 - 60,), "and reserved nothing"
         after = await admission.admit([Refusal("shaping"), quota])
         assert after.stopped and [r.status for r in after.results] == [DENIED, SKIPPED]
-        assert (await admission.quota_state(quota)).remaining == (4,)
+        assert (await admission.quota_state(quota)).remaining == (4,), "a refusal counts nothing"
 
 
 async def test_a_clamp_lowers_the_cap_for_the_later_budget_rules(stores: tuple[Any, ...]) -> None:

@@ -229,6 +229,11 @@ class BudgetGuard:
         if result.status < 0 or not isinstance(ask, BudgetAsk):
             return None
         cap, plan = result.cap, exchange.plan
+        earlier = exchange.notes.get("cap")
+        if result.allowed and earlier is not None and earlier < cap:
+            # an earlier rule clamped the cap lower (on Redis Cluster in another slot, so
+            # this rule reserved for the larger one): the lower cap is the one forwarded
+            cap = earlier
         if result.allowed and plan.generates and not self.rule.shadow:
             # the upstream must not generate more than was reserved, whatever field it reads
             exchange.notes["cap"] = cap

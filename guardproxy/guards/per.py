@@ -27,7 +27,12 @@ CLUSTER_ERROR = "cluster_error"  # exchange.notes: the StoreError recording it m
 # exchange.notes[CLUSTER] while the record waits for the admission batch: a key naming
 # the cluster then holds MARK where the escaped id goes (admission.Template), and only
 # there, since _escaped writes a NUL of any real value as %00
-PENDING = Cluster(id="\x00", size=0)
+class _Pending(str):
+    """The pending cluster's id: a type of its own, so that no client value (a plain
+    str, which CPython may even share with this one) is ever taken for it."""
+
+
+PENDING = Cluster(id=_Pending("\x00"), size=0)
 MARK = "\x00"
 
 
@@ -115,7 +120,7 @@ def _escaped(value: str | None) -> str:
     (admission/escape does the same to a cluster id)."""
     if not value:
         return ""
-    if value is PENDING.id:
+    if type(value) is _Pending:
         return MARK
     return escape(value)
 

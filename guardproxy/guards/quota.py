@@ -111,8 +111,8 @@ class QuotaGuard:
             i = result.denied
             return self._denial(i, RateHeaders("requests", self.windows[i][0],
                                                result.remaining[i], result.resets[i] + skew))
-        i = self.reported   # the headers show what is left once this request is counted
-        rate = RateHeaders("requests", self.windows[i][0], max(0, result.remaining[i] - 1),
+        i = self.reported   # what is left once this request counted (as found if not)
+        rate = RateHeaders("requests", self.windows[i][0], result.remaining[i],
                            result.resets[i] + skew)
         return Outcome(allowed=True, rule=self.rule.name, shadow=self.rule.shadow,
                        rate=(rate,))

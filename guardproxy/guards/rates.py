@@ -36,7 +36,8 @@ def parse_rates(value: Any) -> tuple[RateLimitItem, ...]:
         raise ValueError(f"rate amounts must be at most 2**53 in {value!r}")
     if any(item.get_expiry() > MAX_WINDOW for item in items):
         raise ValueError(f"a window can be at most a year long in {value!r}")
-    windows = [(item.GRANULARITY.name, item.multiples) for item in items]
+    # by length in seconds: "1/minute; 5/60 seconds" is one window (one counter) twice
+    windows = [item.get_expiry() for item in items]
     if len(set(windows)) != len(windows):
         raise ValueError(f"a window is given twice in {value!r}: keep the tighter limit")
     return tuple(_window_keyed(type(item))(item.amount, item.multiples, item.namespace)

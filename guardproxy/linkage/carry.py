@@ -164,8 +164,11 @@ class MergeFeed:
                 quiet.set()
                 wake.clear()
                 wait = self.later[0][0] - self.clock() if self.later else None
+                # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel
+                # that lands as the event is set, and shutdown would wait on this task
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), wait)
+                    async with asyncio.timeout(wait):
+                        await wake.wait()
         finally:
             self._running = False
             quiet.set()

@@ -19,13 +19,14 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from guardproxy.errors import StoreError
 from guardproxy.state.admission import AdmissionStore
 from guardproxy.state.admission_memory import MemoryAdmission
 from guardproxy.state.admission_redis import RedisAdmission
 from guardproxy.state.budgets import BudgetStore, MemoryBudgetStore
 from guardproxy.state.budgets_redis import RedisBudgetStore
 from guardproxy.state.redis_client import redis_from_uri
-from guardproxy.state.retry import SettleRetry
+from guardproxy.state.retry import PendingSettle, SettleRetry
 
 T = TypeVar("T")
 SCHEMES = ("memory", "redis", "rediss", "redis+unix", "redis+cluster", "redis+sentinel")
@@ -84,6 +85,12 @@ def open_state(uri: str, key_prefix: str = "guardproxy") -> State:
                      budgets=memory)
     client = redis_from_uri(uri)
     budgets = RedisBudgetStore(client, key_prefix)
+    settles = SettleRetry()
+
+    def release(leases: list[tuple[str, str]], why: StoreError) -> None:
+        settles.later([PendingSettle(budgets, subject, lease, 0) for subject, lease in leases],
+                      why)
+
     return State(uri=uri, key_prefix=key_prefix,
-                 admission=RedisAdmission(client, key_prefix), budgets=budgets,
-                 redis=client)
+                 admission=RedisAdmission(client, key_prefix, release=release),
+                 budgets=budgets, redis=client, settles=settles)

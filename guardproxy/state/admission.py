@@ -122,7 +122,8 @@ Ask = QuotaAsk | BudgetAsk | GateAsk | Refusal
 @dataclass(slots=True)
 class Result:
     """One ask's answer. Quota: ``denied`` is the index of the first full window (-1
-    none); ``remaining`` and ``resets`` per window (before this request counts).
+    none); ``remaining`` and ``resets`` per window, once this request counted (as
+    found when it did not: denied, or another rule denied it).
     Budget: ``amount`` reserved (or needed), final ``cap``, ``remaining`` per window
     after reserving (or as found), ``lease_id`` when a lease is held. Gate: status."""
 
@@ -187,8 +188,9 @@ class AdmissionStore(ABC):
     @abstractmethod
     async def admit(self, asks: Sequence[Ask], record: RecordAsk | None = None) -> Batch:
         """Judge ``asks`` as one batch (module docstring). Raises ``StoreError`` when the
-        store fails; then nothing of the batch is counted, or (Redis Cluster, several
-        slots) what was counted is given back on a best-effort basis."""
+        store fails. The call may have run all the same (its reply lost): the leases it
+        may hold are then released later, by the settle retry queue; quota hits it may
+        have counted stay (stricter, never looser)."""
 
     @abstractmethod
     async def quota_state(self, ask: QuotaAsk, cluster_id: str = "") -> Result:

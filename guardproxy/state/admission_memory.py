@@ -52,7 +52,7 @@ class MemoryAdmission(AdmissionStore):
         now = self.clock()
         self.budgets.sweep(now)
         results: list[Result] = []
-        hits: list[tuple[QuotaAsk, str]] = []
+        hits: list[tuple[QuotaAsk, str, int]] = []
         leases: list[str] = []
         running: int | None = None   # the cap an earlier budget rule settled on
         stopped = False
@@ -64,7 +64,7 @@ class MemoryAdmission(AdmissionStore):
                 key = f"{ask.rule}|{render(ask.key, cid)}"   # as Redis's {rule|key} tag
                 result = self._quota(ask, key, now)
                 if result.allowed:
-                    hits.append((ask, key))
+                    hits.append((ask, key, len(results)))
             elif isinstance(ask, BudgetAsk):
                 result = self._budget(ask, render(ask.subject, cid), now, running)
                 if result.lease_id is not None:
@@ -83,10 +83,13 @@ class MemoryAdmission(AdmissionStore):
             for result in results:
                 result.lease_id = None
         else:
-            for ask, key in hits:
+            for ask, key, i in hits:
                 for limit, seconds in ask.windows:
                     self.windows.hit(ask.strategy, _window(key, ask.strategy, seconds),
                                      limit, seconds, now, 1)
+                # what the headers say: the windows once this request counted
+                after = self._quota(ask, key, now)
+                results[i] = Result(ALLOWED, remaining=after.remaining, resets=after.resets)
         return Batch(now, cluster, results, stopped)
 
     def _quota(self, ask: QuotaAsk, key: str, now: float) -> Result:

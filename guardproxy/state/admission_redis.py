@@ -33,6 +33,7 @@ from redis.crc import key_slot
 from redis.exceptions import RedisError
 
 from guardproxy.errors import StoreError
+from guardproxy.ids import IdSource
 from guardproxy.linkage.api import Cluster
 from guardproxy.state.admission import (
     ALLOWED,
@@ -58,6 +59,7 @@ from guardproxy.state.redis_client import preload
 log = logging.getLogger("guardproxy.admission")
 Request = tuple[Sequence[Ask], RecordAsk | None]   # one request's asks and record
 MAX_REQUESTS = 64   # requests judged in one call at most: bounds the script's run time
+Release = Callable[[list[tuple[str, str]], StoreError], None]   # (subject, lease id)s
 
 
 def _lua(*names: str) -> str:
@@ -83,8 +85,10 @@ def _text(value: bytes | str) -> str:
 
 class RedisAdmission(AdmissionStore):
     def __init__(self, client: Any, prefix: str,
-                 clock: Callable[[], float] | None = None) -> None:
+                 clock: Callable[[], float] | None = None,
+                 release: Release | None = None) -> None:
         self.client = client
+        self.release = release
         self.prefix = prefix
         self.clock = clock
         self.sharded = isinstance(client, RedisCluster)
@@ -92,7 +96,9 @@ class RedisAdmission(AdmissionStore):
         self._recording = client.register_script(admit_script(recording=True))
         self._ops = client.register_script(_lua("quota_windows.lua", "quota_ops.lua"))
         self._loaded: set[str] = set()   # scripts loaded on every primary (Cluster)
-        self._group: GroupCommit[Request, Batch] = GroupCommit(self._send, MAX_REQUESTS)
+        self._group: GroupCommit[Request, Batch | StoreError] = GroupCommit(
+            self._send, MAX_REQUESTS)
+        self.new_marker = IdSource()   # a request's marker (Cluster resends)
         self._undo_script = client.register_script(
             _lua("lease_common.lua", "quota_windows.lua", "admit_undo.lua"))
 
@@ -112,9 +118,11 @@ class RedisAdmission(AdmissionStore):
         if self.sharded or not inline:
             return await self._admit_apart(asks, record)
         (batch,) = await self._group.submit([(asks, record)])
+        if isinstance(batch, StoreError):
+            raise batch
         return batch
 
-    async def _send(self, requests: list[Request]) -> list[Batch]:
+    async def _send(self, requests: list[Request]) -> list[Batch | StoreError]:
         """One script call judging ``requests`` in turn (a group commit, ``GroupCommit``).
         Raises ``StoreError``."""
         stores = {id(r.store): r.store for _, r in requests if r is not None}
@@ -129,20 +137,24 @@ class RedisAdmission(AdmissionStore):
             script, keys, args = self._plain, [self._first_key(requests[0][0])], []
         args += [self._now(), repr(GRACE), len(requests)]
         for asks, record in requests:
+            section: list[Any] = [""]   # no marker: this client never resends
             if record is None:
-                args.append(0)
+                section.append(0)
             else:
-                args += [1, *record.store.record_args(record.account, record.evidence,
-                                                      record.pairs)]
-            args += self._args(asks)
+                section += [1, *record.store.record_args(record.account, record.evidence,
+                                                         record.pairs)]
+            section += self._args(asks)
+            args += [len(section), *section]
         try:
             reply = await script(keys=keys, args=args)
         except RedisError as exc:
-            raise StoreError(f"admission store unavailable: {exc}") from exc
+            error = StoreError(f"admission store unavailable: {exc}")
+            self._give_back([ask for asks, _ in requests for ask in asks], error)
+            raise error from exc
         if store is not None:
             store.events(reply[2])
         now = float(_text(reply[0])) + int(reply[1]) / 1e6
-        return [self._batch(asks, part[1], now, _cluster(part[0]))
+        return [_failed(part) or self._batch(asks, part[1], now, _cluster(part[0]))
                 for (asks, _), part in zip(requests, reply[3], strict=True)]
 
     def _first_key(self, asks: Sequence[Ask]) -> str:
@@ -225,17 +237,26 @@ class RedisAdmission(AdmissionStore):
         for i, ask in enumerate(resolved):
             if isinstance(ask, QuotaAsk | BudgetAsk):
                 groups.setdefault(key_slot(self._first_key([ask]).encode()), []).append(i)
-        try:
-            replies = await asyncio.gather(*(
-                self._plain(keys=[self._first_key([resolved[i] for i in idx])],
-                            args=[self._now(), repr(GRACE), 1, 0,
-                                  *self._args([resolved[i] for i in idx])])
-                for idx in groups.values()))
-        except RedisError as exc:
-            raise StoreError(f"admission store unavailable: {exc}") from exc
+        marker = self.new_marker()
+        calls = []
+        for idx in groups.values():
+            route = self._first_key([resolved[i] for i in idx])
+            # the client resends after a lost reply: the marker makes that a no-op
+            section = [f"{route}:admitted:{marker}", 0, *self._args([resolved[i] for i in idx])]
+            calls.append(self._plain(keys=[route], args=[self._now(), repr(GRACE), 1,
+                                                          len(section), *section]))
+        replies = await asyncio.gather(*calls, return_exceptions=True)
         results: list[Result] = [NOT_JUDGED] * len(asks)
         parts: list[tuple[list[int], Batch]] = []
+        error: BaseException | None = None
         for idx, reply in zip(groups.values(), replies, strict=True):
+            if isinstance(reply, BaseException):
+                error = error or reply
+                continue
+            failed = _failed(reply[3][0])
+            if failed is not None:
+                error = error or failed
+                continue
             part = self._batch([resolved[i] for i in idx], reply[3][0][1],
                                float(_text(reply[0])) + int(reply[1]) / 1e6, None)
             parts.append((idx, part))
@@ -246,6 +267,13 @@ class RedisAdmission(AdmissionStore):
                 results[i] = judge_gate(ask, cluster)
             elif isinstance(ask, Refusal):
                 results[i] = Result(DENIED)
+        if error is not None:   # what the slots that answered counted is given back
+            await self._undo(resolved, parts)
+            failure = error if isinstance(error, StoreError) else \
+                StoreError(f"admission store unavailable: {error}")
+            answered = {i for idx, _ in parts for i in idx}
+            self._give_back([a for i, a in enumerate(resolved) if i not in answered], failure)
+            raise failure from error
         now = max((part.now for _, part in parts), default=0.0)
         first = next((i for i, (a, r) in enumerate(zip(resolved, results, strict=True))
                       if r.status == DENIED and not a.shadow), None)
@@ -256,6 +284,15 @@ class RedisAdmission(AdmissionStore):
         for result in results:
             result.lease_id = None
         return Batch(now, cluster, results, True)
+
+    def _give_back(self, asks: Sequence[Ask], error: StoreError) -> None:
+        """A call failed, perhaps after it ran (its reply lost): the leases it may hold
+        go to ``release`` (the settle retry queue: a lease never taken settles as
+        nothing). Quota hits it may have counted stay: stricter, never looser. A
+        ``per: cluster`` lease's key is not known here: its TTL reclaims it."""
+        if self.release is not None:
+            self.release([(ask.subject[0], ask.lease_id) for ask in asks
+                          if isinstance(ask, BudgetAsk) and len(ask.subject) == 1], error)
 
     async def _undo(self, asks: Sequence[Ask], parts: list[tuple[list[int], Batch]]) -> None:
         """Give back what the slots that allowed the request counted and reserved: one
@@ -322,6 +359,13 @@ class RedisAdmission(AdmissionStore):
         except RedisError as exc:
             raise StoreError(f"quota store unavailable: {exc}") from exc
         return added
+
+
+def _failed(part: list[Any]) -> StoreError | None:
+    """A request's ``{'e', message}`` answer (a Redis error in its ops) as an error."""
+    if part and isinstance(part[0], bytes | str) and _text(part[0]) == "e":
+        return StoreError(f"admission store error: {_text(part[1])}")
+    return None
 
 
 def _cluster(raw: list[Any]) -> Cluster | None:

@@ -106,6 +106,12 @@ class SettleRetry:
                 out[n] = result
         return out
 
+    def later(self, entries: Sequence[PendingSettle], why: Exception) -> None:
+        """Queue ``entries`` for the retry task without trying them now (the store just
+        failed: the caller must not wait on it)."""
+        for entry in entries:
+            self._enqueue(entry, why)
+
     def _enqueue(self, entry: PendingSettle, exc: Exception) -> None:
         if self._closed:
             self._drop(entry, "the settle queue is closed")

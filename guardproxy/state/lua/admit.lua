@@ -5,8 +5,9 @@
 -- sets A (where this script's ARGV start) and, without linkage, record_request.
 --
 -- ARGV[A..]: now ('' = the store's clock, TIME), grace (s), n requests; then per request:
--- 1 and record_request's arguments (linkage_record.lua), or 0; n ops; the ops in the
--- pipeline's order (phase, then file order):
+-- the number of its arguments that follow, its marker key ('' none: see the loop below),
+-- 1 and record_request's arguments (linkage_record.lua) or 0, n ops, then the ops in
+-- the pipeline's order (phase, then file order):
 --   'q' shadow strategy(f|m|s) nparts part.. nwin (limit seconds)..     a quota rule
 --   'b' shadow nparts part.. lease generates pw prompt cw copies cap clamp min ttl
 --       nwin (limit seconds)..                                         a budget rule
@@ -19,8 +20,9 @@
 -- it.
 --
 -- Returns {now seconds, now micros (or the given now, '0'), events {kind, json, ..},
--- per request {cluster {id, size, blocked} or {}, results}}: per op, in order,
---   q: {status, denied window (0: none), remaining.., reset..}
+-- per request {cluster {id, size, blocked} or {}, results} or {'e', error}}: per op,
+--   q: {status, denied window (0: none), remaining.., reset..} (once the request
+--      counted, when it did; as found when it did not)
 --   b: {status, amount, cap, remaining.., reset..}
 --   g, x: {status}
 -- status 1 allowed, 0 denied, -1 not evaluated (an earlier enforced denial). Times are
@@ -96,7 +98,7 @@ local function quota(i, cid)
   for w = 1, #wins do out[2 + w] = remaining[w] end
   for w = 1, #wins do out[2 + #wins + w] = fmt(resets[w]) end
   local hit = nil
-  if denied == 0 then hit = {strategy = strategy, keys = keys, wins = wins} end
+  if denied == 0 then hit = {strategy = strategy, keys = keys, wins = wins, out = out} end
   return out, hit, after
 end
 
@@ -133,8 +135,10 @@ local function budget(i, shadow, cid, running)
       if smallest >= fits then ok, amount, cap = true, fits, room end
     end
   end
-  -- a call resent after a lost reply holds its lease already: never reserve twice
+  -- a call resent after a lost reply holds its lease already: never reserve twice, and
+  -- never deny for want of the tokens that very lease holds
   local again = redis.call('HEXISTS', leases, id) == 1
+  if again then ok = true end
   if ok and not again then
     for w = 1, #wins do
       redis.call('HINCRBY', keys[w], 'reserved', amount)
@@ -167,14 +171,15 @@ local function gate(i, cluster)
   return {ok}
 end
 
--- one request from ARGV[i]: its record, then its ops; returns {cluster, results}, next
-local function request(i)
+-- one request from ARGV[i]: its record, then its ops; returns {cluster, results}.
+-- `held` collects its leases as they are taken (released by the caller on an error).
+local function request(i, held)
   local cluster = nil
   if ARGV[i] == '1' then cluster, i = record_request(i + 1) else i = i + 1 end
   local cid = cluster and escaped(cluster[1]) or ''
   local n = tonumber(ARGV[i])
   i = i + 1
-  local results, hits, held = {}, {}, {}
+  local results, hits = {}, {}
   local running, stopped = nil, false
   for op = 1, n do
     local kind, shadow = ARGV[i], ARGV[i + 1] == '1'
@@ -199,14 +204,41 @@ local function request(i)
     for _, h in ipairs(held) do settle_lease(h[1], h[2], h[3], 0) end
   else
     for _, h in ipairs(hits) do
-      for w = 1, #h.wins do
+      local n = #h.wins
+      for w = 1, n do
         window_hit(h.strategy, h.keys[w], h.wins[w][1], h.wins[w][2], NOW, 1)
+      end
+      for w = 1, n do   -- what the headers say: the windows once this request counted
+        local left, reset = window_peek(h.strategy, h.keys[w], h.wins[w][1], h.wins[w][2], NOW)
+        h.out[2 + w], h.out[2 + n + w] = left, fmt(reset)
       end
     end
   end
-  return {cluster or {}, results}, i
+  return {cluster or {}, results}
 end
 
+-- Per request: its length, its marker key ('' none), then what request() reads. A
+-- request whose marker is set was judged by an earlier send of this call (redis-py on
+-- Cluster resends after a lost reply): its first answer is given again, nothing is
+-- counted twice. A request that fails (a Redis error in one of its ops) gives back the
+-- leases it took and answers {'e', message}; the others of the call are unaffected.
 local replies, i = {}, A + 3
-for r = 1, NREQ do replies[r], i = request(i) end
+for r = 1, NREQ do
+  local after, marker = i + 1 + tonumber(ARGV[i]), ARGV[i + 1]
+  local prior = marker ~= '' and redis.call('GET', marker)
+  if prior then
+    replies[r] = cjson.decode(prior)
+  else
+    local held = {}
+    local ok, reply = pcall(request, i + 2, held)
+    if ok then
+      replies[r] = reply
+      if marker ~= '' then redis.call('SET', marker, cjson.encode(reply), 'EX', 30) end
+    else
+      for _, h in ipairs(held) do pcall(settle_lease, h[1], h[2], h[3], 0) end
+      replies[r] = {'e', tostring(reply)}
+    end
+  end
+  i = after
+end
 return {T[1], T[2], EVENTS, replies}

@@ -41,7 +41,7 @@ if ok == 1 and not again then
     redis.call('EXPIRE', keys[i], expiries[i])
     remaining[i] = remaining[i] - amount
   end
-  redis.call('HSET', KEYS[1], ARGV[2], 'r:' .. amount .. ':' .. table.concat(keys, ','))
+  redis.call('HSET', KEYS[1], ARGV[2], 'r:' .. string.format('%d', amount) .. ':' .. table.concat(keys, ','))
   redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[2])
   redis.call('EXPIRE', KEYS[1], longest)
   redis.call('EXPIRE', KEYS[2], longest)
