@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from guardproxy.response.events import ResponseStage
     from guardproxy.response.usage import Lease
     from guardproxy.state import State
-    from guardproxy.state.admission import Ask, Batch, Result
+    from guardproxy.state.admission import AdmissionStore, Ask, Batch, Result
 
 
 class Phase(IntEnum):
@@ -90,6 +90,16 @@ class BatchedGuard(Guard, Protocol):
                batch: Batch) -> Outcome | None:
         """The rule's verdict from its ``result`` (None when it was not judged)."""
         ...
+
+
+async def alone(guard: BatchedGuard, store: AdmissionStore, exchange: Exchange) -> Outcome | None:
+    """A batched guard's ``plan`` and ``decide`` as a batch of its own: its ``check``
+    (tests, embedding without a flow; the flow batches all guards together)."""
+    ask = guard.plan(exchange)
+    if ask is None or isinstance(ask, Outcome):
+        return ask
+    batch = await store.admit([ask])
+    return guard.decide(exchange, ask, batch.results[0], batch)
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ from guardproxy.explain.verdict import (
     when_mismatch,
 )
 from guardproxy.guards import per_keys
-from guardproxy.guards.base import Outcome, Phase, RateHeaders, RuleKind, Runtime
+from guardproxy.guards.base import Outcome, Phase, RateHeaders, RuleKind, Runtime, alone
 from guardproxy.guards.per import compile_per, template
 from guardproxy.guards.rates import parse_rates, rate_text
 from guardproxy.policy.model import Rule
@@ -94,13 +94,7 @@ class QuotaGuard:
         return self.ask(self.key(exchange))
 
     async def check(self, exchange: Exchange) -> Outcome | None:
-        """``plan`` and ``decide`` as a batch of one (tests, embedding without a flow)."""
-        ask = self.plan(exchange)
-        if ask is None or isinstance(ask, Outcome):
-            return ask
-        assert isinstance(ask, QuotaAsk)
-        batch = await self.store.admit([ask])
-        return self.decide(exchange, ask, batch.results[0], batch)
+        return await alone(self, self.store, exchange)
 
     def decide(self, exchange: Exchange, ask: Ask, result: Result,
                batch: Batch) -> Outcome | None:
