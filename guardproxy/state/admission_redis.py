@@ -97,7 +97,7 @@ class RedisAdmission(AdmissionStore):
         self._ops = client.register_script(_lua("quota_windows.lua", "quota_ops.lua"))
         self._loaded: set[str] = set()   # scripts loaded on every primary (Cluster)
         self._group: GroupCommit[Request, Batch | StoreError] = GroupCommit(
-            self._send, MAX_REQUESTS)
+            self._send, MAX_REQUESTS, lambda: StoreError("admission call cancelled"))
         self.new_marker = IdSource()   # a request's marker (Cluster resends)
         self._undo_script = client.register_script(
             _lua("lease_common.lua", "quota_windows.lua", "admit_undo.lua"))

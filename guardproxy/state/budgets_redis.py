@@ -55,7 +55,8 @@ class RedisBudgetStore(BudgetStore):
         self._carry = client.register_script(_script("lease_common.lua", "budget_carry.lua"))
         self.new_lease_id = IdSource()
         self._loaded: set[str] = set()   # scripts loaded on every primary (Cluster)
-        self._group: GroupCommit[Settle, bool] = GroupCommit(self._settle_now)
+        self._group: GroupCommit[Settle, bool] = GroupCommit(
+            self._settle_now, stopped=lambda: StoreError("settle call cancelled"))
 
     def _tag(self, subject: str) -> str:
         # one hash tag per subject: all its keys live in one Redis Cluster slot

@@ -29,9 +29,11 @@ class GroupCommit(Generic[T, R]):
     item, in order; it raises to fail the whole call."""
 
     def __init__(self, send: Callable[[list[T]], Awaitable[list[R]]],
-                 max_items: int = MAX_ITEMS) -> None:
+                 max_items: int = MAX_ITEMS,
+                 stopped: Callable[[], Exception] = lambda: RuntimeError("stopped")) -> None:
         self.send = send
         self.max_items = max_items
+        self.stopped = stopped   # the error submitters get when the call's task is cancelled
         self.waiting: list[tuple[Sequence[T], asyncio.Future[list[R]]]] = []
         self.task: asyncio.Task[None] | None = None
         self.calls = 0   # store calls made (for tests and benchmarks)
@@ -46,7 +48,18 @@ class GroupCommit(Generic[T, R]):
         self.waiting.append((items, done))
         if self.task is None or self.task.done() or self.task.get_loop() is not loop:
             self.task = loop.create_task(self._run())
+            self.task.add_done_callback(self._ended)
         return await asyncio.shield(done)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """A task cancelled before it ever ran never reaches ``_run``'s ``finally``:
+        nobody would answer the submitters waiting on it."""
+        if task is not self.task or not task.cancelled():
+            return
+        for _, done in self.waiting:
+            if not done.done():
+                done.set_exception(self.stopped())
+        self.waiting.clear()
 
     async def _run(self) -> None:
         try:
@@ -54,7 +67,7 @@ class GroupCommit(Generic[T, R]):
         finally:   # the loop is closing under us: nobody waits forever
             for _, done in self.waiting:
                 if not done.done():
-                    done.set_exception(RuntimeError("group commit stopped"))
+                    done.set_exception(self.stopped())
             self.waiting.clear()
 
     async def _drain(self) -> None:
@@ -71,9 +84,11 @@ class GroupCommit(Generic[T, R]):
             try:
                 results = await self.send(items)
             except BaseException as exc:   # every submitter of this call hears of it
+                # a cancel of this task is not a cancel of the submitters: an error
+                failure = self.stopped() if isinstance(exc, asyncio.CancelledError) else exc
                 for _, done in taken:
                     if not done.done():
-                        done.set_exception(exc)
+                        done.set_exception(failure)
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 continue

@@ -155,9 +155,10 @@ class UpstreamApp:
                 await Relay(response, method, send, translate, self._secret_bytes,
                             self.origin).run()
             except asyncio.CancelledError:
-                if not client.cancelled:   # not ours (shutdown): it goes on up
+                # ours (the client left) is swallowed; any other (a shutdown, even in the
+                # same tick) goes on up
+                if not client.cancelled or this.uncancel() > 0:
                     raise
-                this.uncancel()
             except Exception as exc:
                 failure = exc
         finally:
