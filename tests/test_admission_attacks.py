@@ -465,8 +465,8 @@ async def test_a_lease_of_1e14_tokens_is_released(where: str,
     """An operator's 'unlimited' budget (1e15/month; rates allow up to 2**53) and a
     client asking for 1e14 tokens (a completions request: max_tokens 2**31 - 1, n 128,
     a few hundred prompts). Settled with nothing used, nothing may stay reserved.
-    (Lua wrote the lease as 'r:1e+14:…', which no settle could read: fixed in 6d368a3
-    for admit.lua; budget_reserve.lua still concatenates the number.)"""
+    (Lua wrote the lease as 'r:1e+14:…', which no settle could read: fixed in 6d368a3;
+    admit.lua is now the only script that reserves.)"""
     uri = "memory://"
     if where == "redis":
         request.getfixturevalue("redis_prefix")

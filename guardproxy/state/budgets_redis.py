@@ -15,6 +15,8 @@ from redis.exceptions import RedisError
 
 from guardproxy.errors import StoreError
 from guardproxy.ids import IdSource
+from guardproxy.state.admission import BudgetAsk
+from guardproxy.state.admission_redis import RedisAdmission
 from guardproxy.state.budgets import (
     GRACE,
     BudgetStore,
@@ -45,8 +47,7 @@ class RedisBudgetStore(BudgetStore):
     def __init__(self, client: Any, prefix: str) -> None:
         self.client = client
         self.prefix = prefix
-        self._reserve = client.register_script(_script("lease_common.lua",
-                                                       "budget_reserve.lua"))
+        self._admission = RedisAdmission(client, prefix)
         self._usage = client.register_script(_script("lease_common.lua", "budget_usage.lua"))
         self._settle = client.register_script(_script("lease_common.lua", "budget_settle.lua"))
         self._settle_many = client.register_script(_script("lease_common.lua",
@@ -76,15 +77,16 @@ class RedisBudgetStore(BudgetStore):
 
     async def reserve(self, subject: str, windows: tuple[Window, ...], amount: int,
                       ttl: float) -> Reservation:
-        lease_id = self.new_lease_id()
-        limits = [x for w in windows for x in (w.limit, w.seconds)]
-        result = await self._call(self._reserve, self._keys(subject, windows),
-                                  [amount, lease_id, ttl, GRACE, *limits])
-        n = len(windows)
-        ok = bool(result[0])
-        return Reservation(ok, amount, [int(r) for r in result[3:3 + n]],
-                           [float(r) for r in result[3 + n:3 + 2 * n]],
-                           lease_id if ok else None, _store_time(result[1], result[2]))
+        """``amount`` tokens in every window of ``subject``, as an admission batch of
+        one (admit.lua reserves for requests; one implementation of the reservation)."""
+        ask = BudgetAsk(rule="", shadow=False, subject=(subject,), lease_id=self.new_lease_id(),
+                        generates=False, prompt_weight=1.0, prompt=amount,
+                        completion_weight=0.0, copies=1, cap=0, clamp=False, min_tokens=1,
+                        windows=windows, ttl=ttl)
+        batch = await self._admission.admit([ask])
+        result = batch.results[0]
+        return Reservation(result.allowed, result.amount, list(result.remaining),
+                           list(result.resets), result.lease_id, batch.now)
 
     async def settle(self, subject: str, lease_id: str, actual: int) -> bool:
         return bool(await self._call(self._settle, self._keys(subject), [lease_id, actual]))
