@@ -20,7 +20,7 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol
 
 from guardproxy.response.events import (
     BaseStage,
@@ -90,7 +90,6 @@ class Lease(Protocol):
     async def close(self, usage: Usage, ending: Ending, status: int) -> None: ...
 
 
-@runtime_checkable
 class GroupLease(Lease, Protocol):
     """A lease that can close together with others of its type (budget leases: one
     store call for all of a request's)."""

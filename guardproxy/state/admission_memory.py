@@ -115,7 +115,8 @@ class MemoryAdmission(AdmissionStore):
                 ok, cap, amount = True, lower, budget_amount(ask, lower)
         lease_id = None
         if ok:
-            lease_id = self.budgets.hold(keys, resets, amount, now + ask.ttl)
+            # the ask's own lease id, as on Redis: the guard made one already
+            lease_id = self.budgets.hold(keys, resets, amount, now + ask.ttl, ask.lease_id)
             left = [x - amount for x in left]
         return Result(ALLOWED if ok else DENIED, amount=amount, cap=cap,
                       remaining=tuple(left), resets=tuple(resets), lease_id=lease_id)

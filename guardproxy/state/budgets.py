@@ -194,12 +194,14 @@ class MemoryBudgetStore(BudgetStore):
         return keys, resets, remaining
 
     def hold(self, keys: Sequence[str], resets: Sequence[float], amount: int,
-             deadline: float) -> str:
-        """Reserve ``amount`` in the windows ``peek`` gave; returns the lease id."""
+             deadline: float, lease_id: str = "") -> str:
+        """Reserve ``amount`` in the windows ``peek`` gave, under ``lease_id`` (a new
+        one when none is given or it is taken); returns the lease id."""
         for key, reset in zip(keys, resets, strict=True):
             self.windows.setdefault(key, [0, 0])[1] += amount
             self.expiry[key] = reset + GRACE
-        lease_id = self.new_lease_id()
+        if not lease_id or lease_id in self.leases:
+            lease_id = self.new_lease_id()
         self._hold(lease_id, ("r", amount, tuple(keys), deadline))
         return lease_id
 
